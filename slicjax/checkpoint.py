@@ -1,0 +1,138 @@
+"""The one place that touches orbax: save/restore the train state and the data iterator position.
+
+A checkpoint step holds two items:
+
+* ``state`` — the :class:`~slicjax.train_state.TrainState` (params, optimizer state, step, RNG),
+  restored directly into the shardings of an abstract target (so each process reads its shards);
+* ``data`` — the data iterator's position (JSON), so a resumed run sees the next unseen example.
+
+Restoring walks back from the newest step: a newest checkpoint that fails to restore (truncated
+file, missing entry) is reported with a warning naming it and the step used instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+def _encode_iter_state(state: Any) -> dict[str, Any]:
+  if state is None:
+    return {"kind": "none"}
+  if isinstance(state, bytes):
+    return {"kind": "bytes", "value": base64.b64encode(state).decode("ascii")}
+  return {"kind": "json", "value": state}
+
+
+def _decode_iter_state(d: dict[str, Any]) -> Any:
+  kind = d.get("kind")
+  if kind == "bytes":
+    return base64.b64decode(d["value"])
+  if kind == "json":
+    return d["value"]
+  return None
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint in a directory could be restored."""
+
+
+class Checkpointer:
+  """Saves every ``every`` steps and at the end, keeps the newest ``keep``, restores the newest good.
+
+  Args:
+    directory: where step directories live (created if missing).
+    every: save interval in steps (``save`` with ``force=True`` ignores it).
+    keep: how many checkpoints to keep.
+    async_save: write in a background thread (orbax async checkpointing).
+  """
+
+  def __init__(self, directory: str, *, every: int = 1000, keep: int = 3, async_save: bool = False):
+    self.directory = os.path.abspath(directory)
+    self.every = max(int(every), 1)
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+    )
+    self._manager = ocp.CheckpointManager(
+      self.directory, options=options, item_names=("state", "data")
+    )
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def save(self, step: int, state, iterator_state: Any = None, *, force: bool = False) -> bool:
+    """Saves if ``step`` is on the interval (or ``force``). Returns whether it saved."""
+    if not force and step % self.every:
+      return False
+    if step in self._manager.all_steps():
+      return False
+    self._manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(_encode_iter_state(iterator_state)),
+      ),
+      force=True,
+    )
+    return True
+
+  def wait(self):
+    self._manager.wait_until_finished()
+
+  def restore(self, abstract_state, step: int | None = None):
+    """Restores ``(state, iterator_state, step)``; falls back past unreadable checkpoints.
+
+    Args:
+      abstract_state: a tree of ``jax.ShapeDtypeStruct`` with ``sharding`` set (e.g. from
+        ``jax.eval_shape`` plus the state shardings) or concrete arrays to take shardings from.
+      step: a specific step; ``None`` walks back from the newest.
+
+    Raises:
+      CheckpointError: if no candidate step restores.
+    """
+    steps = [step] if step is not None else list(reversed(self.all_steps()))
+    if not steps:
+      raise CheckpointError(f"no checkpoint found in {self.directory}.")
+    failures = []
+    for s in steps:
+      try:
+        restored = self._manager.restore(
+          s,
+          args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+          ),
+        )
+      except Exception as e:  # noqa: BLE001 - any unreadable checkpoint means: try an older one
+        failures.append((s, f"{type(e).__name__}: {str(e)[:300]}"))
+        continue
+      if failures:
+        logging.warning(
+          "checkpoint step(s) %s in %s could not be restored (%s); resumed from step %d instead.",
+          [f[0] for f in failures], self.directory, failures[0][1], s,
+        )
+        self._failed_steps = [f[0] for f in failures]
+      return restored["state"], _decode_iter_state(restored["data"] or {}), s
+    raise CheckpointError(
+      f"no checkpoint in {self.directory} could be restored; tried {failures}. Remove the "
+      f"damaged step directories or start from a fresh workdir."
+    )
+
+  def close(self):
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def abstract_like(tree, shardings):
+  """``ShapeDtypeStruct`` tree carrying ``shardings``, as a restore target."""
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+  )

@@ -1,0 +1,327 @@
+"""Transformers: a decoder-only LM (Llama family) and an encoder-decoder (T5 family).
+
+One config expresses both families: RMSNorm or LayerNorm, RoPE / T5 relative bias / learned /
+no positions, SwiGLU / GeGLU / GELU / ReLU MLPs, grouped-query attention, tied or untied
+embeddings, causal or bidirectional self-attention (the diffusion backbone is bidirectional).
+
+Call contract of the decoder-only LM (shared with ``models/ssm.py``)::
+
+    logits_BxLxV = TransformerLM(cfg).apply({"params": p}, tokens_BxL, positions_BxL=None,
+        segment_ids_BxL=None, decode=False, deterministic=True, return_hidden=False)
+
+``segment_ids`` (packing): tokens attend only within their segment; segment 0 is padding.
+``decode=True`` reads and writes the ``cache`` collection: ``tokens_BxL`` continues each row's
+sequence at its own position; every cache leaf is batch-leading.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from slicjax.models import layers
+from slicjax.models.layers import constrain
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Hyperparameters of both transformer shapes.
+
+  ``num_encoder_layers = 0`` gives a decoder-only LM; ``> 0`` an encoder-decoder.
+  """
+
+  vocab_size: int = 512
+  d_model: int = 128
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: int = 32
+  d_ff: int = 512
+  num_layers: int = 2
+  num_encoder_layers: int = 0
+  norm: str = "rms"
+  norm_eps: float = 1e-6
+  position: str = "rope"  # rope | relative | learned | none
+  rope_theta: float = 10000.0
+  relative_buckets: int = 32
+  relative_max_distance: int = 128
+  mlp: str = "swiglu"
+  tie_embeddings: bool = True
+  tied_logit_scale: bool = False  # T5: logits scaled by d_model**-0.5 when tied
+  scale_queries: bool = True  # T5 folds 1/sqrt(head_dim) into its init instead
+  use_bias: bool = False
+  causal: bool = True
+  max_len: int = 256
+  dropout_rate: float = 0.0
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: bool = False
+  decoder_start_id: int = 2  # BOS; T5 checkpoints use 0
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> TransformerConfig:
+    d = dict(d)
+    d.pop("family", None)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(
+        f"unknown transformer config key(s) {unknown}; valid keys are {sorted(known)}."
+      )
+    cfg = cls(**d)
+    cfg.validate()
+    return cfg
+
+  def validate(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+        f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}."
+      )
+    if self.position not in ("rope", "relative", "learned", "none"):
+      raise ValueError(f"position={self.position!r}; use rope, relative, learned or none.")
+    if self.position == "rope" and self.head_dim % 2:
+      raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}.")
+    layers.dtype_of(self.dtype), layers.dtype_of(self.param_dtype)
+
+  @property
+  def is_encoder_decoder(self) -> bool:
+    return self.num_encoder_layers > 0
+
+
+class Block(nn.Module):
+  """Pre-norm block: self-attention, optional cross-attention, MLP."""
+
+  cfg: TransformerConfig
+  causal: bool
+  cross: bool = False
+  decode: bool = False
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x, self_mask, self_bias, q_pos, encoded=None, cross_mask=None):
+    cfg = self.cfg
+    dt, pdt = layers.dtype_of(cfg.dtype), layers.dtype_of(cfg.param_dtype)
+
+    def attn(name, decode):
+      return layers.Attention(
+        num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, dtype=dt,
+        param_dtype=pdt, use_rope=(cfg.position == "rope" and name == "self_attention"),
+        rope_theta=cfg.rope_theta, scale_queries=cfg.scale_queries, use_bias=cfg.use_bias,
+        dropout_rate=cfg.dropout_rate, max_len=cfg.max_len, name=name,
+      )
+
+    def dropout(y):
+      if cfg.dropout_rate > 0 and not self.deterministic:
+        return nn.Dropout(cfg.dropout_rate)(y, deterministic=False)
+      return y
+
+    h = layers.make_norm(cfg.norm, cfg.norm_eps, dt, pdt, "pre_attention_norm")(x)
+    h = attn("self_attention", self.decode)(
+      h, h, self_mask, self_bias, q_pos, q_pos, decode=self.decode,
+      deterministic=self.deterministic,
+    )
+    x = x + dropout(h)
+    if self.cross:
+      h = layers.make_norm(cfg.norm, cfg.norm_eps, dt, pdt, "pre_cross_attention_norm")(x)
+      h = attn("cross_attention", False)(h, encoded, cross_mask, deterministic=self.deterministic)
+      x = x + dropout(h)
+    h = layers.make_norm(cfg.norm, cfg.norm_eps, dt, pdt, "pre_mlp_norm")(x)
+    h = layers.MLP(
+      cfg.d_ff, cfg.mlp, dtype=dt, param_dtype=pdt, use_bias=cfg.use_bias,
+      dropout_rate=cfg.dropout_rate, name="mlp",
+    )(h, deterministic=self.deterministic)
+    x = x + dropout(h)
+    return constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+
+
+def _segment_mask(q_seg_BxQ, k_seg_BxK):
+  return (q_seg_BxQ[:, :, None] == k_seg_BxK[:, None, :]) & (k_seg_BxK[:, None, :] != 0)
+
+
+class Stack(nn.Module):
+  """A stack of blocks with its position handling and final norm (encoder or decoder)."""
+
+  cfg: TransformerConfig
+  causal: bool
+  cross: bool
+  embed: nn.Module
+  num_layers: int
+
+  @nn.compact
+  def __call__(
+    self, tokens_BxL, positions_BxL, segment_ids_BxL, encoded=None, cross_mask=None, *,
+    decode=False, deterministic=True,
+  ):
+    cfg = self.cfg
+    b, length = tokens_BxL.shape
+    if not decode and length > cfg.max_len:
+      raise ValueError(
+        f"sequence length {length} exceeds the model maximum max_len={cfg.max_len}; truncate "
+        f"the data (pipeline max lengths) or raise max_len in the model config."
+      )
+    x = self.embed(tokens_BxL)
+    if decode:
+      is_init = not self.has_variable("cache", "position")
+      pos_var = self.variable("cache", "position", jnp.zeros, (b,), jnp.int32)
+      start_B = pos_var.value
+      if not is_init:
+        pos_var.value = start_B + length
+      q_pos = start_B[:, None] + jnp.arange(length)[None, :]
+      slots = jnp.arange(cfg.max_len)
+      self_mask = slots[None, None, :] <= q_pos[:, :, None]
+      k_pos = jnp.broadcast_to(slots[None, :], (b, cfg.max_len))
+    else:
+      q_pos = positions_BxL
+      k_pos = positions_BxL
+      self_mask = _segment_mask(segment_ids_BxL, segment_ids_BxL)
+      if self.causal:
+        idx = jnp.arange(length)
+        self_mask = self_mask & (idx[None, None, :] <= idx[None, :, None])
+    if cfg.position == "learned":
+      pos_table = self.param(
+        "position_embedding",
+        nn.with_logical_partitioning(nn.initializers.normal(0.02), ("length", "embed")),
+        (cfg.max_len, cfg.d_model), layers.dtype_of(cfg.param_dtype),
+      )
+      x = x + jnp.take(pos_table, q_pos, axis=0).astype(x.dtype)
+    bias = None
+    if cfg.position == "relative":
+      bias = layers.RelativePositionBias(
+        cfg.num_heads, cfg.relative_buckets, cfg.relative_max_distance,
+        bidirectional=not self.causal, param_dtype=layers.dtype_of(cfg.param_dtype),
+        name="relative_bias",
+      )(q_pos, k_pos)
+    x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+    block_cls = nn.remat(Block) if cfg.remat else Block
+    for i in range(self.num_layers):
+      x = block_cls(cfg, self.causal, self.cross, decode, deterministic, name=f"layer_{i}")(x, self_mask, bias, q_pos, encoded, cross_mask)
+    dt, pdt = layers.dtype_of(cfg.dtype), layers.dtype_of(cfg.param_dtype)
+    return layers.make_norm(cfg.norm, cfg.norm_eps, dt, pdt, "final_norm")(x)
+
+
+def _default_positions(segment_ids_BxL):
+  """Positions restarting at 0 in each segment (plain 0..L-1 without packing)."""
+  seg = segment_ids_BxL
+  length = seg.shape[1]
+  idx = jnp.broadcast_to(jnp.arange(length)[None, :], seg.shape)
+  starts = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+  start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+  return idx - start_idx
+
+
+class _OutputHead(nn.Module):
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, h, embed: layers.Embed):
+    cfg = self.cfg
+    if cfg.tie_embeddings:
+      if cfg.tied_logit_scale:
+        h = h * (cfg.d_model**-0.5)
+      logits = embed.attend(h)
+    else:
+      logits = nn.Dense(
+        cfg.vocab_size, use_bias=False, dtype=layers.dtype_of(cfg.dtype),
+        param_dtype=layers.dtype_of(cfg.param_dtype),
+        kernel_init=nn.with_logical_partitioning(
+          nn.initializers.variance_scaling(1.0, "fan_in", "normal"), ("embed", "vocab")
+        ),
+        name="lm_head",
+      )(h)
+    logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+    return logits.astype(jnp.float32)
+
+
+class TransformerLM(nn.Module):
+  """Decoder-only transformer LM (causal unless ``cfg.causal`` is False)."""
+
+  cfg: TransformerConfig
+
+  def setup(self):
+    cfg = self.cfg
+    if cfg.is_encoder_decoder:
+      raise ValueError("TransformerLM is decoder-only: set num_encoder_layers=0.")
+    self.embed = layers.Embed(
+      cfg.vocab_size, cfg.d_model, layers.dtype_of(cfg.dtype), layers.dtype_of(cfg.param_dtype),
+      name="token_embed",
+    )
+    self.head = _OutputHead(cfg, name="head")
+    self.decoder = Stack(cfg, cfg.causal, False, self.embed, cfg.num_layers)
+
+  def __call__(
+    self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, decode=False, deterministic=True,
+    return_hidden=False,
+  ):
+    if segment_ids_BxL is None:
+      segment_ids_BxL = jnp.ones(tokens_BxL.shape, jnp.int32)
+    if positions_BxL is None:
+      positions_BxL = _default_positions(segment_ids_BxL)
+    h = self.decoder(
+      tokens_BxL, positions_BxL, segment_ids_BxL, decode=decode, deterministic=deterministic
+    )
+    logits = self.head(h, self.embed)
+    return (logits, h) if return_hidden else logits
+
+
+class EncoderDecoderTransformer(nn.Module):
+  """T5-style encoder-decoder with shared token embeddings."""
+
+  cfg: TransformerConfig
+
+  def setup(self):
+    cfg = self.cfg
+    if not cfg.is_encoder_decoder:
+      raise ValueError("EncoderDecoderTransformer needs num_encoder_layers > 0.")
+    self.embed = layers.Embed(
+      cfg.vocab_size, cfg.d_model, layers.dtype_of(cfg.dtype), layers.dtype_of(cfg.param_dtype),
+      name="token_embed",
+    )
+    self.head = _OutputHead(cfg, name="head")
+    self.encoder = Stack(cfg, False, False, self.embed, cfg.num_encoder_layers)
+    self.decoder = Stack(cfg, True, True, self.embed, cfg.num_layers)
+
+  def encode(self, inputs_BxS, segment_ids_BxS=None, positions_BxS=None, deterministic=True):
+    if segment_ids_BxS is None:
+      segment_ids_BxS = (inputs_BxS != 0).astype(jnp.int32)
+    if positions_BxS is None:
+      positions_BxS = _default_positions(segment_ids_BxS)
+    return self.encoder(
+      inputs_BxS, positions_BxS, segment_ids_BxS, decode=False, deterministic=deterministic
+    )
+
+  def decode(
+    self, encoded_BxSxD, encoder_segment_ids_BxS, tokens_BxL, positions_BxL=None,
+    segment_ids_BxL=None, decode=False, deterministic=True, return_hidden=False,
+  ):
+    if segment_ids_BxL is None:
+      segment_ids_BxL = jnp.ones(tokens_BxL.shape, jnp.int32)
+    if positions_BxL is None:
+      positions_BxL = _default_positions(segment_ids_BxL)
+    if decode:
+      cross_mask = jnp.broadcast_to(
+        (encoder_segment_ids_BxS != 0)[:, None, :],
+        (tokens_BxL.shape[0], tokens_BxL.shape[1], encoder_segment_ids_BxS.shape[1]),
+      )
+    else:
+      cross_mask = _segment_mask(segment_ids_BxL, encoder_segment_ids_BxS)
+    h = self.decoder(
+      tokens_BxL, positions_BxL, segment_ids_BxL, encoded_BxSxD, cross_mask, decode=decode,
+      deterministic=deterministic,
+    )
+    logits = self.head(h, self.embed)
+    return (logits, h) if return_hidden else logits
+
+  def __call__(
+    self, inputs_BxS, decoder_tokens_BxL, inputs_segment_ids=None, inputs_positions=None,
+    decoder_segment_ids=None, decoder_positions=None, deterministic=True, return_hidden=False,
+  ):
+    if inputs_segment_ids is None:
+      inputs_segment_ids = (inputs_BxS != 0).astype(jnp.int32)
+    encoded = self.encode(inputs_BxS, inputs_segment_ids, inputs_positions, deterministic)
+    return self.decode(
+      encoded, inputs_segment_ids, decoder_tokens_BxL, decoder_positions, decoder_segment_ids,
+      decode=False, deterministic=deterministic, return_hidden=return_hidden,
+    )

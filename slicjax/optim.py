@@ -7,7 +7,7 @@ from typing import Any
 import optax
 
 DEFAULTS: dict[str, Any] = dict(
-  name="adamw", learning_rate=1e-3, warmup_steps=0, schedule="cosine", decay_steps=None,
+  name="adamw", learning_rate=1e-3, warmup_steps=0, schedule="cosine", decay_steps=0,
   end_lr_fraction=0.1, weight_decay=0.0, b1=0.9, b2=0.98, eps=1e-9, clip_norm=1.0,
   grad_accum_steps=1,
 )

@@ -1,0 +1,25 @@
+"""MLE fine-tuning config. Every key exists here, so any can be overridden on the command line:
+``--config=experiments/configs/mle.py --config.train.steps=200 --config.data.name=reverse``."""
+
+import ml_collections
+
+from slicjax import optim
+from slicjax.pipelines import mle, tasks
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.model = ml_collections.ConfigDict(dict(
+    family="transformer", preset="small", vocab_size=2048, max_len=320, num_encoder_layers=0,
+  ))
+  c.data = ml_collections.ConfigDict({**tasks.DATA_KEYS, **dict(
+    name="stdlib_docstrings", input_len=192, target_len=32, vocab_size=2000,
+  )})
+  c.optimizer = ml_collections.ConfigDict({**optim.DEFAULTS, **dict(
+    learning_rate=2e-3, warmup_steps=100, weight_decay=0.01, decay_steps=0,
+  )})
+  c.train = ml_collections.ConfigDict({**mle.TRAIN_KEYS, **dict(
+    steps=2000, batch_size=32, eval_every=500, checkpoint_every=500,
+  )})
+  c.mesh_shape = (-1, 1, 1)
+  return c

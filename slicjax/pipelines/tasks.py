@@ -1,0 +1,104 @@
+"""Task loading for jobs: ``config.data`` -> tokenized splits, iterators and a tokenizer.
+
+``data.name`` selects the source:
+
+* ``reverse`` — the built-in synthetic task (``slicjax/data/synthetic.py``), token ids only;
+* ``stdlib_docstrings`` — the embedded default: code -> docstring summary;
+* ``jsonl`` — local ``{"input", "target"}`` files (``train_path``, ``eval_path``);
+* ``tfds:<name>`` — a TFDS catalog summarization set (needs its data on this machine).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+
+from slicjax.data import synthetic
+from slicjax.pipelines import common
+
+DATA_KEYS = dict(
+  name="reverse", input_len=64, target_len=32, vocab_size=2000, num_train=4096, num_eval=256,
+  data_dir="", cache_dir="", train_path="", eval_path="", input_key="input", target_key="target",
+  tokenizer_path="", packing=False, max_input_chars=4000, synthetic_vocab=32,
+)
+
+
+@dataclasses.dataclass
+class TaskData:
+  """What a job needs from a task. Examples are dicts of unpadded int32 token arrays."""
+
+  name: str
+  vocab_size: int
+  input_len: int
+  target_len: int
+  train_examples: list[dict[str, Any]]
+  eval_examples: list[dict[str, Any]]
+  batch_size: int
+  seed: int
+  tokenizer: Any = None
+  make_train_iter: Callable[[], Any] | None = None
+  eval_texts: list[dict[str, str]] | None = None
+
+  def train_iter(self):
+    if self.make_train_iter is not None:
+      return self.make_train_iter()
+    return synthetic.ArrayBatchIterator(
+      self.train_examples, self.batch_size, self.input_len, self.target_len, seed=self.seed
+    )
+
+  def eval_batches(self, n: int | None = None, batch_size: int | None = None):
+    bs = batch_size or self.batch_size
+    ex = self.eval_examples
+    batches = []
+    for i in range(0, len(ex) - bs + 1, bs):
+      batches.append(synthetic.pad_batch(ex[i : i + bs], self.input_len, self.target_len))
+      if n is not None and len(batches) >= n:
+        break
+    if not batches:
+      raise ValueError(
+        f"the eval split has {len(ex)} examples, fewer than one batch of {bs}; lower the batch "
+        "size or add evaluation data."
+      )
+    return batches
+
+  def detokenize(self, ids) -> str:
+    if self.tokenizer is None:
+      return " ".join(str(int(t)) for t in ids if int(t) > 1)
+    return self.tokenizer.decode([int(t) for t in ids])
+
+
+def data_config(config) -> dict[str, Any]:
+  d = common.to_dict(config.get("data"))
+  common.check_keys(d, DATA_KEYS, "data")
+  return {**DATA_KEYS, **d}
+
+
+def load(config, *, batch_size: int, seed: int = 0, mesh=None) -> TaskData:
+  d = data_config(config)
+  if mesh is not None:
+    from slicjax import sharding
+
+    div = sharding.batch_divisor(mesh)
+    global_batch = batch_size
+    if global_batch % div:
+      raise ValueError(
+        f"batch_size {global_batch} is not divisible by the mesh's data x fsdp size {div}; use a "
+        f"multiple of {div}."
+      )
+  per_process = batch_size // jax.process_count()
+  name = d["name"]
+  if name == "reverse":
+    n = d["num_train"] + d["num_eval"]
+    ex = synthetic.reverse_task(
+      n, vocab_size=d["synthetic_vocab"], max_len=min(d["input_len"], d["target_len"] - 1),
+      seed=seed,
+    )
+    return TaskData(
+      name, d["synthetic_vocab"], d["input_len"], d["target_len"], ex[: d["num_train"]],
+      ex[d["num_train"] :], per_process, seed,
+    )
+  from slicjax.pipelines import text_tasks
+
+  return text_tasks.load_text_task(d, batch_size=per_process, seed=seed)

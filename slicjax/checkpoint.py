@@ -136,3 +136,42 @@ def abstract_like(tree, shardings):
   return jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
   )
+
+
+def load_params(directory: str, step: int | None = None, *, item: str = "params"):
+  """Loads only the parameters (host numpy arrays) of a training run's checkpoint.
+
+  Args:
+    directory: a job workdir (containing ``checkpoints/``) or a checkpoints directory.
+    step: the step to load; ``None`` takes the newest readable one.
+    item: ``params`` or ``ref_params``.
+
+  Raises:
+    CheckpointError: when there is no readable checkpoint, naming the directory.
+  """
+  directory = os.path.abspath(directory)
+  if os.path.isdir(os.path.join(directory, "checkpoints")):
+    directory = os.path.join(directory, "checkpoints")
+  if not os.path.isdir(directory):
+    raise CheckpointError(
+      f"checkpoint directory {directory} does not exist; point to the workdir of a finished "
+      "training run (it contains checkpoints/<step>/)."
+    )
+  manager = ocp.CheckpointManager(directory, item_names=("state", "data"))
+  steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
+  if not steps:
+    raise CheckpointError(f"no checkpoint steps in {directory}; train first.")
+  errors = []
+  for s in steps:
+    try:
+      restored = manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+      tree = restored["state"]
+      params = tree[item] if isinstance(tree, dict) else getattr(tree, item)
+      manager.close()
+      if errors:
+        logging.warning("skipped unreadable checkpoint(s) %s in %s", errors, directory)
+      return params, s
+    except Exception as e:  # noqa: BLE001
+      errors.append((s, f"{type(e).__name__}: {str(e)[:200]}"))
+  manager.close()
+  raise CheckpointError(f"no readable checkpoint in {directory}: {errors}")

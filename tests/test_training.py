@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from slicjax import optim, sharding, training
-from slicjax.data.synthetic import ArrayBatchIterator, reverse_task
+from slicjax.data.iterators import ArrayBatchIterator
+from slicjax.data.synthetic import reverse_task
 from slicjax.models.factory import build_model
 
 MODEL = dict(preset="tiny", vocab_size=32, max_len=32)

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import jax
 
-from slicjax.data import synthetic
+from slicjax.data import iterators, synthetic
 from slicjax.pipelines import common
 
 DATA_KEYS = dict(
@@ -44,7 +44,7 @@ class TaskData:
   def train_iter(self):
     if self.make_train_iter is not None:
       return self.make_train_iter()
-    return synthetic.ArrayBatchIterator(
+    return iterators.ArrayBatchIterator(
       self.train_examples, self.batch_size, self.input_len, self.target_len, seed=self.seed
     )
 
@@ -53,7 +53,7 @@ class TaskData:
     ex = self.eval_examples
     batches = []
     for i in range(0, len(ex) - bs + 1, bs):
-      batches.append(synthetic.pad_batch(ex[i : i + bs], self.input_len, self.target_len))
+      batches.append(iterators.pad_batch(ex[i : i + bs], self.input_len, self.target_len))
       if n is not None and len(batches) >= n:
         break
     if not batches:

@@ -1,0 +1,26 @@
+"""SLiC config: candidates, calibration and evaluation sections on top of the MLE config.
+
+  python experiments/generate_candidates.py --config=experiments/configs/slic.py \
+      --config.candidates.finetuned_workdir=runs/mle --workdir=runs/candidates
+  python experiments/calibrate.py --config=experiments/configs/slic.py \
+      --config.calibrate.finetuned_workdir=runs/mle \
+      --config.calibrate.candidates_dir=runs/candidates --workdir=runs/calibrate
+  python experiments/evaluate.py --config=experiments/configs/slic.py \
+      --model_workdirs=fine-tuned=runs/mle,calibrated=runs/calibrate --workdir=runs/eval
+"""
+
+import ml_collections
+
+from experiments.configs import mle as mle_config
+from slicjax import optim
+from slicjax.pipelines import calibrate, candidates, evaluate
+
+
+def get_config():
+  c = mle_config.get_config()
+  c.candidates = ml_collections.ConfigDict(dict(candidates.CANDIDATE_KEYS))
+  c.calibrate = ml_collections.ConfigDict(dict(calibrate.CALIBRATE_KEYS))
+  c.optimizer = ml_collections.ConfigDict({**optim.DEFAULTS, **dict(
+    learning_rate=3e-4, warmup_steps=10, schedule="constant", decay_steps=0)})
+  c.evaluate = ml_collections.ConfigDict(dict(evaluate.EVAL_KEYS))
+  return c

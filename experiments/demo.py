@@ -1,0 +1,42 @@
+"""The end-to-end SLiC demo on the embedded stdlib_docstrings task (what `make demo` runs).
+
+  python experiments/demo.py --workdir=runs/demo [--preset=default|long|smoke]
+"""
+
+from absl import app, flags
+
+from slicjax import distributed
+from slicjax.pipelines import demo
+
+_WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where the run and report.md go.")
+_PRESET = flags.DEFINE_enum("preset", "default", sorted(demo.PRESETS), "Run size.")
+_SET = flags.DEFINE_multi_string(
+  "set", [], "Config override as dotted.key=value (e.g. --set=train.steps=300)."
+)
+distributed.define_flags()
+
+
+def _parse(items):
+  import ast
+
+  out = {}
+  for item in items:
+    if "=" not in item:
+      raise app.UsageError(f"--set expects key=value, got {item!r}.")
+    k, v = item.split("=", 1)
+    try:
+      out[k] = ast.literal_eval(v)
+    except (ValueError, SyntaxError):
+      out[k] = v
+  return out
+
+
+def main(argv):
+  del argv
+  distributed.initialize_from_flags()
+  report = demo.run(_WORKDIR.value, _PRESET.value, _parse(_SET.value))
+  print(f"\nreport: {report['path']}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,39 @@
+"""Quality vs beam size, repetition and likelihood-quality calibration for trained models.
+
+  python experiments/evaluate.py --config=experiments/configs/slic.py \
+      --model_workdirs=fine-tuned=runs/mle,calibrated=runs/calibrate --workdir=runs/eval
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from slicjax import checkpoint, distributed
+from slicjax.pipelines import common, evaluate, tasks
+
+_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/slic.py", "Job config.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "eval.md, eval.json and plots go here.")
+_MODELS = flags.DEFINE_list("model_workdirs", None, "name=workdir pairs, the first decodes the "
+                            "calibration-report candidates.")
+distributed.define_flags()
+
+
+def main(argv):
+  del argv
+  distributed.initialize_from_flags()
+  common.log_devices()
+  config = _CONFIG.value
+  models = {}
+  for item in _MODELS.value:
+    if "=" not in item:
+      raise app.UsageError(f"--model_workdirs expects name=workdir, got {item!r}.")
+    name, wd = item.split("=", 1)
+    models[name], _ = checkpoint.load_params(wd)
+  data = tasks.load(config, batch_size=config.evaluate.batch_size)
+  out = common.prepare_workdir(_WORKDIR.value, config)
+  result = evaluate.run(models, common.model_from(config), data, config, out)
+  print(evaluate.markdown_table(result["grid"], result["rank_correlation"]))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["workdir", "model_workdirs"])
+  app.run(main)

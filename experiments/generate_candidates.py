@@ -1,0 +1,28 @@
+"""Decode and score m candidates per training example (SLiC steps 1-2); resumable.
+
+  python experiments/generate_candidates.py --config=experiments/configs/slic.py \
+      --config.candidates.finetuned_workdir=runs/mle --workdir=runs/candidates
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from slicjax import distributed
+from slicjax.pipelines import candidates, common
+
+_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/slic.py", "Job config.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory for candidate chunks.")
+distributed.define_flags()
+
+
+def main(argv):
+  del argv
+  distributed.initialize_from_flags()
+  common.log_devices()
+  out = candidates.generate(_CONFIG.value, common.prepare_workdir(_WORKDIR.value, _CONFIG.value))
+  print(f"candidates written to {out}")
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("workdir")
+  app.run(main)

@@ -1,0 +1,49 @@
+"""Plots for reports (matplotlib, Agg backend: works headless)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def quality_vs_beam(rows, path: str, metric: str = "rougeL"):
+  """Quality vs beam size, one line per (model, length penalty); log2 x axis."""
+  fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+  keys = sorted({(r["model"], r["alpha"]) for r in rows})
+  greedy = {r["model"]: r for r in rows if r["beam"] == 1}
+  for model, alpha in keys:
+    pts = sorted((r["beam"], r[metric]) for r in rows
+                 if r["model"] == model and r["alpha"] == alpha and r["beam"] > 1)
+    if model in greedy:
+      pts = [(1, greedy[model][metric])] + pts
+    style = "-" if alpha == 0 else "--"
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o",
+            label=f"{model}, α={alpha:g}")
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("beam size")
+  ax.set_ylabel(f"{metric} (F × 100)")
+  ax.set_title("Quality vs beam size")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
+def training_curves(series: dict[str, list[tuple[int, float]]], path: str, ylabel: str = "loss"):
+  """One line per named series of ``(step, value)``."""
+  fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+  for name, pts in series.items():
+    if pts:
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name)
+  ax.set_xlabel("step")
+  ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return path

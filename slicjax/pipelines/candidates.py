@@ -1,0 +1,250 @@
+"""SLiC step 1-2: decode m candidates per training example and score them against the target.
+
+Output: a directory of JSON-lines chunks ``chunk-00000.jsonl`` ... Chunk ``c`` always holds the
+examples ``[c * chunk_size, (c + 1) * chunk_size)`` of the split, whatever the number of processes,
+and process ``p`` of ``P`` writes the chunks with ``c % P == p``. Each chunk is written to a
+temporary name and renamed, so a killed run leaves only complete chunks, and a restart skips
+them: no example is duplicated or dropped. Every line is one example::
+
+  {"index": int, "inputs": [ids], "targets": [ids], "candidates": [[ids] * K],
+   "logp": [K floats], "sim": [K floats], "method": str,
+   "input_text": str, "target_text": str, "candidate_texts": [str] * K,
+   "ref_topk_logp": [[k floats] * L], "ref_topk_ids": [[k ints] * L]}   # last two optional
+
+``logp`` is the decoding model's sequence log-likelihood of each candidate, ``sim`` the
+similarity to the target (``latent``, ``rouge`` or ``token_embedding``).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from slicjax import checkpoint, scoring, similarity
+from slicjax.data import iterators
+from slicjax.decoding import api as decoding_api
+from slicjax.pipelines import common, tasks
+
+CANDIDATE_KEYS = dict(
+  finetuned_workdir="", split="train", num_examples=512, num_candidates=8, method="beam",
+  similarity="latent", batch_size=16, chunk_size=64, seed=0, temperature=0.7, top_k=40,
+  top_p=1.0, alpha=0.0, num_groups=4, diversity_strength=0.5, store_ref_topk=0,
+  rouge_workers=1, max_len=0, progress=True,
+)
+
+
+def candidate_config(config) -> dict[str, Any]:
+  c = common.to_dict(config.get("candidates"))
+  common.check_keys(c, CANDIDATE_KEYS, "candidates")
+  return {**CANDIDATE_KEYS, **c}
+
+
+def decode_options(c: dict[str, Any]) -> dict[str, Any]:
+  """The options of ``slicjax.decoding.api.decode`` for a candidate config."""
+  k, method = c["num_candidates"], c["method"]
+  if method == "beam":
+    return dict(beam_size=k, alpha=c["alpha"])
+  if method == "diverse_beam":
+    return dict(beam_size=k, num_groups=c["num_groups"],
+                diversity_strength=c["diversity_strength"], alpha=c["alpha"])
+  if method == "sample":
+    return dict(num_samples=k, temperature=c["temperature"], top_k=c["top_k"], top_p=c["top_p"])
+  if method == "greedy":
+    return {}
+  raise ValueError(f"unknown decoding method {method!r}; use beam, diverse_beam, sample, greedy.")
+
+
+def embedding_table(params) -> jax.Array:
+  """The token embedding ``[V, D]`` of any family (the first 2-D leaf under an 'embed' key)."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  for path, leaf in flat:
+    name = "/".join(str(getattr(p, "key", p)) for p in path)
+    if "embed" in name and getattr(leaf, "ndim", 0) == 2:
+      return leaf
+  raise ValueError("no token embedding found in params; token_embedding similarity needs one.")
+
+
+def similarity_scores(
+  kind: str, model, params, inputs_BxS, targets_BxL, cands_BxKxL, cand_texts, target_texts,
+  *, rouge_workers: int = 1,
+) -> np.ndarray:
+  """``[B, K]`` similarity of each candidate to its target."""
+  cmask = (cands_BxKxL != 0).astype(jnp.float32)
+  tmask = (targets_BxL != 0).astype(jnp.float32)
+  if kind == "latent":
+    hc = scoring.score_candidates(model, params, inputs_BxS, cands_BxKxL, return_hidden=True)
+    ht = scoring.score_targets(
+      model, params, {"inputs": inputs_BxS, "targets": targets_BxL}, return_hidden=True
+    )
+    return np.asarray(similarity.latent_similarity(hc["hidden"], cmask, ht["hidden"], tmask))
+  if kind == "token_embedding":
+    return np.asarray(similarity.token_embedding_similarity(
+      cands_BxKxL, cmask, targets_BxL, tmask, embedding_table(params)
+    ))
+  if kind == "rouge":
+    b, k = len(cand_texts), len(cand_texts[0])
+    flat_c = [c for row in cand_texts for c in row]
+    flat_r = [r for r in target_texts for _ in range(k)]
+    scores = similarity.rouge_scores(flat_c, flat_r, num_workers=rouge_workers)
+    mean = np.mean([np.asarray(scores[t]) for t in ("rouge1", "rouge2", "rougeL")], axis=0)
+    return mean.reshape(b, k)
+  raise ValueError(f"unknown similarity {kind!r}; use latent, rouge or token_embedding.")
+
+
+def _chunk_path(out_dir: str, c: int) -> str:
+  return os.path.join(out_dir, f"chunk-{c:05d}.jsonl")
+
+
+def generate(config, out_dir: str, *, params=None, model=None, data=None) -> str:
+  """Writes the candidate set for ``config.candidates`` into ``out_dir``; returns ``out_dir``."""
+  c = candidate_config(config)
+  os.makedirs(out_dir, exist_ok=True)
+  model = model or common.model_from(config)
+  data = data or tasks.load(config, batch_size=c["batch_size"], seed=c["seed"])
+  if params is None:
+    if not c["finetuned_workdir"]:
+      raise ValueError("candidates.finetuned_workdir is empty: point it at the MLE run's workdir.")
+    params, step = checkpoint.load_params(c["finetuned_workdir"])
+  examples = data.train_examples if c["split"] == "train" else data.eval_examples
+  n = min(c["num_examples"], len(examples)) if c["num_examples"] else len(examples)
+  if n == 0:
+    raise ValueError(f"split {c['split']!r} is empty: nothing to generate candidates for.")
+  chunk = c["chunk_size"]
+  num_chunks = (n + chunk - 1) // chunk
+  mine = [i for i in range(num_chunks) if i % jax.process_count() == jax.process_index()]
+  todo = [i for i in mine if not os.path.exists(_chunk_path(out_dir, i))]
+  options = decode_options(c)
+  max_len = c["max_len"] or data.target_len
+  bar = None
+  if c["progress"] and jax.process_index() == 0:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(mine) * chunk, initial=(len(mine) - len(todo)) * chunk,
+               desc="candidates", unit="ex", dynamic_ncols=True)
+  for ci in todo:
+    lo, hi = ci * chunk, min((ci + 1) * chunk, n)
+    rows = []
+    for b0 in range(lo, hi, c["batch_size"]):
+      idx = list(range(b0, min(b0 + c["batch_size"], hi)))
+      rows.extend(_generate_batch(c, model, params, data, examples, idx, options, max_len))
+      if bar is not None:
+        bar.update(len(idx))
+    tmp = _chunk_path(out_dir, ci) + f".tmp{jax.process_index()}"
+    with open(tmp, "w") as f:
+      for r in rows:
+        f.write(json.dumps(r) + "\n")
+    os.replace(tmp, _chunk_path(out_dir, ci))
+  if bar is not None:
+    bar.close()
+  return out_dir
+
+
+def _generate_batch(c, model, params, data, examples, idx, options, max_len):
+  batch_ex = [examples[i] for i in idx]
+  # Pad the batch to a fixed size so one compiled program serves every batch.
+  pad_to = c["batch_size"]
+  padded = batch_ex + [batch_ex[-1]] * (pad_to - len(batch_ex))
+  arrays = iterators.pad_batch(padded, data.input_len, data.target_len)
+  inputs, targets = jnp.asarray(arrays["inputs"]), jnp.asarray(arrays["targets"])
+  rng = jax.random.PRNGKey(c["seed"])
+  example_ids = jnp.asarray(idx + [idx[-1]] * (pad_to - len(idx)), jnp.int32)
+  result = decoding_api.decode(
+    model, params, inputs, method=c["method"], max_len=max_len, rng=rng,
+    example_ids=example_ids, **options,
+  )
+  cands = np.asarray(result.tokens_BxKxL)
+  if cands.shape[-1] < data.target_len:
+    cands = np.pad(cands, ((0, 0), (0, 0), (0, data.target_len - cands.shape[-1])))
+  cands = cands[:, :, : data.target_len]
+  cand_texts = [[data.detokenize(y) for y in row] for row in cands]
+  target_texts = [data.detokenize(t) for t in np.asarray(targets)]
+  # Rescore with teacher forcing: the same number whatever the decoding method reported.
+  scored = scoring.score_candidates(model, params, inputs, jnp.asarray(cands))
+  sim = similarity_scores(
+    c["similarity"], model, params, inputs, targets, jnp.asarray(cands), cand_texts,
+    target_texts, rouge_workers=c["rouge_workers"],
+  )
+  topk = None
+  if c["store_ref_topk"]:
+    from slicjax.losses import regularizers
+
+    logits = scoring.score_targets(model, params, {"inputs": inputs, "targets": targets})["logits"]
+    topk = regularizers.topk_logprobs(logits, c["store_ref_topk"])
+  rows = []
+  for j, i in enumerate(idx):
+    r = {
+      "index": i, "inputs": _ids(arrays["inputs"][j]), "targets": _ids(arrays["targets"][j]),
+      "candidates": [_ids(y) for y in cands[j]],
+      "logp": [float(x) for x in np.asarray(scored["logp"][j])],
+      "sim": [float(x) for x in sim[j]], "method": c["method"],
+      "input_text": data.detokenize(arrays["inputs"][j]), "target_text": target_texts[j],
+      "candidate_texts": cand_texts[j],
+    }
+    if topk is not None:
+      r["ref_topk_logp"] = np.asarray(topk[0][j]).round(5).tolist()
+      r["ref_topk_ids"] = np.asarray(topk[1][j]).tolist()
+    rows.append(r)
+  return rows
+
+
+def _ids(a) -> list[int]:
+  a = [int(x) for x in np.asarray(a)]
+  while a and a[-1] == 0:
+    a.pop()
+  return a
+
+
+def read_candidates(out_dir: str) -> list[dict[str, Any]]:
+  """All examples of a candidate directory, in index order (checks there are no gaps)."""
+  files = sorted(glob.glob(os.path.join(out_dir, "chunk-*.jsonl")))
+  if not files:
+    raise ValueError(f"no candidate chunks in {out_dir}; run generate_candidates first.")
+  rows = []
+  for path in files:
+    with open(path) as f:
+      for ln, line in enumerate(f, 1):
+        try:
+          rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+          raise ValueError(f"{path}:{ln}: malformed candidate line ({e}); delete the file and "
+                           "rerun generate_candidates to rewrite that chunk.") from e
+  rows.sort(key=lambda r: r["index"])
+  idx = [r["index"] for r in rows]
+  if idx != list(range(len(idx))):
+    missing = sorted(set(range(max(idx) + 1)) - set(idx))[:10]
+    raise ValueError(f"candidate set in {out_dir} has gaps (missing indices {missing}...); rerun "
+                     "generate_candidates to fill them.")
+  return rows
+
+
+def to_arrays(rows, input_len: int, target_len: int) -> dict[str, np.ndarray]:
+  """Stacks candidate rows into padded arrays for the calibration stage."""
+  n, k = len(rows), len(rows[0]["candidates"])
+  out = iterators.pad_batch(
+    [{"inputs": np.asarray(r["inputs"], np.int32), "targets": np.asarray(r["targets"], np.int32)}
+     for r in rows], input_len, target_len,
+  )
+  cands = np.zeros((n, k, target_len), np.int32)
+  for i, r in enumerate(rows):
+    for j, y in enumerate(r["candidates"]):
+      cands[i, j, : len(y)] = y[:target_len]
+  out["candidates"] = cands
+  out["sim"] = np.asarray([r["sim"] for r in rows], np.float32)
+  out["cand_logp"] = np.asarray([r["logp"] for r in rows], np.float32)
+  out["cand_mask"] = (cands != 0).any(-1).astype(np.float32)
+  if "ref_topk_logp" in rows[0]:
+    kk = len(rows[0]["ref_topk_logp"][0])
+    lp = np.full((n, target_len, kk), -1e9, np.float32)
+    ids = np.zeros((n, target_len, kk), np.int32)
+    for i, r in enumerate(rows):
+      m = min(len(r["ref_topk_logp"]), target_len)
+      lp[i, :m] = np.asarray(r["ref_topk_logp"][:m])
+      ids[i, :m] = np.asarray(r["ref_topk_ids"][:m])
+    out["ref_topk_logp"], out["ref_topk_ids"] = lp, ids
+  return out

@@ -87,6 +87,8 @@ def similarity_scores(
     return np.asarray(similarity.token_embedding_similarity(
       cands_BxKxL, cmask, targets_BxL, tmask, embedding_table(params)
     ))
+  if kind == "none":
+    return None
   if kind == "rouge":
     b, k = len(cand_texts), len(cand_texts[0])
     flat_c = [c for row in cand_texts for c in row]
@@ -94,7 +96,7 @@ def similarity_scores(
     scores = similarity.rouge_scores(flat_c, flat_r, num_workers=rouge_workers)
     mean = np.mean([np.asarray(scores[t]) for t in ("rouge1", "rouge2", "rougeL")], axis=0)
     return mean.reshape(b, k)
-  raise ValueError(f"unknown similarity {kind!r}; use latent, rouge or token_embedding.")
+  raise ValueError(f"unknown similarity {kind!r}; use latent, rouge, token_embedding or none.")
 
 
 def _chunk_path(out_dir: str, c: int) -> str:
@@ -182,7 +184,7 @@ def _generate_batch(c, model, params, data, examples, idx, options, max_len):
       "index": i, "inputs": _ids(arrays["inputs"][j]), "targets": _ids(arrays["targets"][j]),
       "candidates": [_ids(y) for y in cands[j]],
       "logp": [float(x) for x in np.asarray(scored["logp"][j])],
-      "sim": [float(x) for x in sim[j]], "method": c["method"],
+      "sim": None if sim is None else [float(x) for x in sim[j]], "method": c["method"],
       "input_text": data.detokenize(arrays["inputs"][j]), "target_text": target_texts[j],
       "candidate_texts": cand_texts[j],
     }
@@ -235,6 +237,9 @@ def to_arrays(rows, input_len: int, target_len: int) -> dict[str, np.ndarray]:
     for j, y in enumerate(r["candidates"]):
       cands[i, j, : len(y)] = y[:target_len]
   out["candidates"] = cands
+  if rows[0]["sim"] is None:
+    raise ValueError("these candidates were generated with similarity='none'; regenerate them "
+                     "with candidates.similarity=latent, rouge or token_embedding.")
   out["sim"] = np.asarray([r["sim"] for r in rows], np.float32)
   out["cand_logp"] = np.asarray([r["logp"] for r in rows], np.float32)
   out["cand_mask"] = (cands != 0).any(-1).astype(np.float32)

@@ -1,0 +1,65 @@
+"""Text tasks for jobs: a source from ``slicjax.data.sources`` + a SentencePiece tokenizer ->
+:class:`~slicjax.pipelines.tasks.TaskData` (grain train iterator, tokenized eval examples)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from absl import logging
+
+from slicjax.data import pipeline, sources
+from slicjax.pipelines.tasks import TaskData
+
+
+def _source_options(d: dict[str, Any]) -> dict[str, Any]:
+  name = d["name"]
+  opts: dict[str, Any] = {}
+  if d["data_dir"]:
+    opts["data_dir"] = d["data_dir"]
+  if name == "stdlib_docstrings":
+    opts["max_input_chars"] = d["max_input_chars"]
+  elif name == "jsonl":
+    if not d["train_path"]:
+      raise ValueError("data.name=jsonl needs data.train_path (and data.eval_path) jsonl files.")
+    paths = {"train": d["train_path"]}
+    if d["eval_path"]:
+      paths["validation"] = d["eval_path"]
+    opts["paths"] = paths
+    opts["input_key"], opts["target_key"] = d["input_key"], d["target_key"]
+  return opts
+
+
+def load_text_task(d: dict[str, Any], *, batch_size: int, seed: int) -> TaskData:
+  name = d["name"]
+  opts = _source_options(d)
+  tok = sources.tokenizer_for_source(
+    name, tokenizer_path=d["tokenizer_path"] or None, vocab_size=d["vocab_size"],
+    cache_dir=d["cache_dir"] or None, **opts,
+  )
+  train_records = sources.load_text_source(name, "train", **opts)
+  try:
+    eval_records = sources.load_text_source(name, "validation", **opts)
+  except ValueError:
+    logging.warning("%s has no validation split; evaluating on the last 10%% of train.", name)
+    n = len(train_records)
+    eval_records = train_records[int(n * 0.9) :]
+    train_records = train_records[: int(n * 0.9)]
+  s, length = d["input_len"], d["target_len"]
+  train_tok = pipeline.tokenize_records(train_records, tok, input_len=s, target_len=length)
+  eval_tok = pipeline.tokenize_records(eval_records, tok, input_len=s, target_len=length)
+  if not train_tok:
+    raise ValueError(f"dataset {name!r} has an empty train split; check the data source.")
+
+  def make_train_iter():
+    return pipeline.make_seq2seq_iterator(
+      train_records, tok, batch_size=batch_size, input_len=s, target_len=length, train=True,
+      seed=seed, packing=d["packing"], shard_index=jax.process_index(),
+      shard_count=jax.process_count(),
+    )
+
+  return TaskData(
+    name=name, vocab_size=tok.vocab_size, input_len=s, target_len=length,
+    train_examples=train_tok, eval_examples=eval_tok, batch_size=batch_size, seed=seed,
+    tokenizer=tok, make_train_iter=make_train_iter,
+  )

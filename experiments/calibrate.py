@@ -5,10 +5,10 @@
       --config.calibrate.candidates_dir=runs/candidates --workdir=runs/calibrate
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-from slicjax import distributed
+from slicjax import distributed, training
 from slicjax.pipelines import calibrate
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/slic.py", "Job config.")
@@ -19,7 +19,10 @@ distributed.define_flags()
 def main(argv):
   del argv
   distributed.initialize_from_flags()
-  calibrate.run(_CONFIG.value, _WORKDIR.value)
+  try:
+    calibrate.run(_CONFIG.value, _WORKDIR.value)
+  except training.Preempted as e:  # SIGTERM: checkpoint written; exit cleanly, rerun resumes
+    logging.warning("%s", e)
 
 
 if __name__ == "__main__":

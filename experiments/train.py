@@ -3,10 +3,10 @@
   python experiments/train.py --config=experiments/configs/mle.py --workdir=runs/mle
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-from slicjax import distributed
+from slicjax import distributed, training
 from slicjax.pipelines import mle
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/mle.py", "Job config.")
@@ -17,7 +17,10 @@ distributed.define_flags()
 def main(argv):
   del argv
   distributed.initialize_from_flags()
-  mle.run(_CONFIG.value, _WORKDIR.value)
+  try:
+    mle.run(_CONFIG.value, _WORKDIR.value)
+  except training.Preempted as e:  # SIGTERM: checkpoint written; exit cleanly, rerun resumes
+    logging.warning("%s", e)
 
 
 if __name__ == "__main__":

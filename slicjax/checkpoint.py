@@ -157,16 +157,22 @@ def load_params(directory: str, step: int | None = None, *, item: str = "params"
       f"checkpoint directory {directory} does not exist; point to the workdir of a finished "
       "training run (it contains checkpoints/<step>/)."
     )
-  manager = ocp.CheckpointManager(directory, item_names=("state", "data"))
+  manager = ocp.CheckpointManager(
+    directory,
+    item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()},
+  )
   steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
   if not steps:
     raise CheckpointError(f"no checkpoint steps in {directory}; train first.")
+  # Restore onto this process's first device whatever topology wrote the checkpoint.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   errors = []
   for s in steps:
     try:
-      restored = manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-      tree = restored["state"]
-      params = tree[item] if isinstance(tree, dict) else getattr(tree, item)
+      meta = manager.item_metadata(s)["state"]
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+      tree = manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+      params = tree["state"][item]
       manager.close()
       if errors:
         logging.warning("skipped unreadable checkpoint(s) %s in %s", errors, directory)

@@ -38,9 +38,12 @@ class ArrayBatchIterator:
     input_len, target_len: padded lengths.
     seed: shuffle seed (each epoch reshuffles deterministically).
     shuffle: whether to shuffle.
+    shard_index, shard_count: this process's slice of each global batch (the global batch is
+      ``batch_size * shard_count`` rows, identical to a single process with that batch size).
   """
 
-  def __init__(self, examples, batch_size, input_len, target_len, *, seed=0, shuffle=True):
+  def __init__(self, examples, batch_size, input_len, target_len, *, seed=0, shuffle=True,
+               shard_index=0, shard_count=1):
     if not examples:
       raise ValueError("no examples: the dataset is empty; check the data path and split.")
     if batch_size > len(examples):
@@ -49,7 +52,8 @@ class ArrayBatchIterator:
     self.batch_size = batch_size
     self.input_len, self.target_len = input_len, target_len
     self.seed, self.shuffle = seed, shuffle
-    self._pos = 0  # examples consumed
+    self.shard_index, self.shard_count = shard_index, shard_count
+    self._pos = 0  # examples consumed (globally, over all processes)
 
   def _order(self, epoch: int) -> np.ndarray:
     idx = np.arange(len(self.examples))
@@ -63,11 +67,12 @@ class ArrayBatchIterator:
   def __next__(self) -> dict[str, np.ndarray]:
     n = len(self.examples)
     chosen = []
-    for _ in range(self.batch_size):
+    for _ in range(self.batch_size * self.shard_count):
       epoch, i = divmod(self._pos, n)
       chosen.append(self.examples[self._order(epoch)[i]])
       self._pos += 1
-    return pad_batch(chosen, self.input_len, self.target_len)
+    lo = self.shard_index * self.batch_size
+    return pad_batch(chosen[lo : lo + self.batch_size], self.input_len, self.target_len)
 
   def get_state(self) -> dict[str, Any]:
     return {"position": self._pos, "seed": self.seed}
@@ -84,7 +89,7 @@ class ArrayDictIterator:
   """
 
   def __init__(self, arrays: dict[str, np.ndarray], batch_size: int, *, seed: int = 0,
-               shuffle: bool = True):
+               shuffle: bool = True, shard_index: int = 0, shard_count: int = 1):
     sizes = {k: len(v) for k, v in arrays.items()}
     if not sizes or len(set(sizes.values())) != 1:
       raise ValueError(f"arrays must be non-empty and share their first dimension, got {sizes}.")
@@ -94,6 +99,7 @@ class ArrayDictIterator:
     if batch_size > self.n:
       raise ValueError(f"batch_size {batch_size} exceeds the {self.n} rows available.")
     self.arrays, self.batch_size, self.seed, self.shuffle = arrays, batch_size, seed, shuffle
+    self.shard_index, self.shard_count = shard_index, shard_count
     self._pos = 0
 
   def _order(self, epoch):
@@ -107,11 +113,12 @@ class ArrayDictIterator:
 
   def __next__(self):
     rows = []
-    for _ in range(self.batch_size):
+    for _ in range(self.batch_size * self.shard_count):
       epoch, i = divmod(self._pos, self.n)
       rows.append(self._order(epoch)[i])
       self._pos += 1
-    rows = np.asarray(rows)
+    lo = self.shard_index * self.batch_size
+    rows = np.asarray(rows[lo : lo + self.batch_size])
     return {k: v[rows] for k, v in self.arrays.items()}
 
   def get_state(self):

@@ -114,7 +114,9 @@ def run(config, workdir: str, *, params=None, data=None, on_log=None):
   arrays.pop("cand_logp")
   mesh = common.make_mesh(config)
   per_process = c["batch_size"] // jax.process_count()
-  it = iterators.ArrayDictIterator(arrays, per_process, seed=c["seed"])
+  it = iterators.ArrayDictIterator(arrays, per_process, seed=c["seed"],
+                                   shard_index=jax.process_index(),
+                                   shard_count=jax.process_count())
   tx, schedule = optim.make_optimizer(common.to_dict(config.get("optimizer")), c["steps"])
   ref = params if c["regularizer"] == "kl" else None
   state, state_sh = training.create_train_state(

@@ -49,8 +49,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def build_config(preset: str, overrides: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
+  import importlib
+
   from slicjax import optim
-  from slicjax.pipelines import calibrate, candidates, evaluate, mle, tasks
+  from slicjax.pipelines import mle, tasks
+
+  def keys(module: str, attr: str) -> dict[str, Any]:
+    # A stage whose code is unavailable keeps an empty section and is reported as missing.
+    try:
+      return dict(getattr(importlib.import_module(f"slicjax.pipelines.{module}"), attr))
+    except ImportError:
+      return {}
 
   if preset not in PRESETS:
     raise ValueError(f"unknown demo preset {preset!r}; choose from {sorted(PRESETS)}.")
@@ -62,13 +71,13 @@ def build_config(preset: str, overrides: dict[str, Any] | None = None) -> ml_col
                  "weight_decay": 0.01, "decay_steps": 0}
   c.train = {**mle.TRAIN_KEYS, "log_every": 25, "eval_every": 0, "checkpoint_every": 10**9,
              **p["train"]}
-  c.candidates = {**candidates.CANDIDATE_KEYS, "method": "beam", "similarity": "latent",
+  c.candidates = {**keys("candidates", "CANDIDATE_KEYS"), "method": "beam", "similarity": "latent",
                   **p["candidates"]}
-  c.calibrate = {**calibrate.CALIBRATE_KEYS, "loss": "rank", "regularizer": "kl",
+  c.calibrate = {**keys("calibrate", "CALIBRATE_KEYS"), "loss": "rank", "regularizer": "kl",
                  "checkpoint_every": 10**9, **p["calibrate"]}
   c.calibrate_optimizer = {**optim.DEFAULTS, "learning_rate": 3e-4, "warmup_steps": 10,
                            "schedule": "constant", "decay_steps": 0}
-  c.evaluate = {**evaluate.EVAL_KEYS, **p["evaluate"]}
+  c.evaluate = {**keys("evaluate", "EVAL_KEYS"), **p["evaluate"]}
   c.mesh_shape = (-1, 1, 1)
   c = ml_collections.ConfigDict(c.to_dict())
   if overrides:

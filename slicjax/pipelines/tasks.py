@@ -45,7 +45,8 @@ class TaskData:
     if self.make_train_iter is not None:
       return self.make_train_iter()
     return iterators.ArrayBatchIterator(
-      self.train_examples, self.batch_size, self.input_len, self.target_len, seed=self.seed
+      self.train_examples, self.batch_size, self.input_len, self.target_len, seed=self.seed,
+      shard_index=jax.process_index(), shard_count=jax.process_count(),
     )
 
   def eval_batches(self, n: int | None = None, batch_size: int | None = None):

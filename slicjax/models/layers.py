@@ -182,6 +182,7 @@ class Attention(nn.Module):
   rope_theta: float = 10000.0
   scale_queries: bool = True
   use_bias: bool = False
+  qkv_bias: bool = False  # biases on query/key/value only (Qwen2); ``use_bias`` covers all four
   dropout_rate: float = 0.0
   max_len: int = 0  # cache capacity (decode mode)
 
@@ -197,9 +198,9 @@ class Attention(nn.Module):
 
     def proj(name, feats, names, inp):
       return nn.DenseGeneral(
-        features=feats, axis=-1, use_bias=self.use_bias, dtype=self.dtype,
+        features=feats, axis=-1, use_bias=self.use_bias or self.qkv_bias, dtype=self.dtype,
         param_dtype=self.param_dtype, kernel_init=nn.with_logical_partitioning(init, names),
-        name=name,
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[1:]), name=name,
       )(inp)
 
     q = proj("query", (h, k), ("embed", "heads", "head_dim"), x_q)
@@ -246,7 +247,7 @@ class Attention(nn.Module):
       features=x_q.shape[-1], axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype,
       param_dtype=self.param_dtype,
       kernel_init=nn.with_logical_partitioning(init, ("heads", "head_dim", "embed")),
-      name="out",
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), name="out",
     )(out)
 
 

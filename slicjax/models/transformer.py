@@ -53,6 +53,7 @@ class TransformerConfig:
   tied_logit_scale: bool = False  # T5: logits scaled by d_model**-0.5 when tied
   scale_queries: bool = True  # T5 folds 1/sqrt(head_dim) into its init instead
   use_bias: bool = False
+  qkv_bias: bool = False  # biases on the query/key/value projections only (Qwen2)
   causal: bool = True
   max_len: int = 256
   dropout_rate: float = 0.0
@@ -110,7 +111,7 @@ class Block(nn.Module):
         num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, dtype=dt,
         param_dtype=pdt, use_rope=(cfg.position == "rope" and name == "self_attention"),
         rope_theta=cfg.rope_theta, scale_queries=cfg.scale_queries, use_bias=cfg.use_bias,
-        dropout_rate=cfg.dropout_rate, max_len=cfg.max_len, name=name,
+        qkv_bias=cfg.qkv_bias, dropout_rate=cfg.dropout_rate, max_len=cfg.max_len, name=name,
       )
 
     def dropout(y):

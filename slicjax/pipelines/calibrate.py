@@ -43,7 +43,7 @@ def calibrate_config(config) -> dict[str, Any]:
 
 
 def calibration_loss(name: str, logp_BxK, sim_BxK, mask_BxK, *, beta: float, pairs: str, rng):
-  """``[B]`` calibration loss by name (see ``slicjax.losses.calibration``)."""
+  """``([B] loss, [B] number of valid pairs)`` by name (see ``slicjax.losses.calibration``)."""
   if name == "rank":
     return calibration.rank_loss(logp_BxK, sim_BxK, mask_BxK, beta=beta, pairs=pairs, rng=rng)
   if name == "margin":
@@ -55,21 +55,17 @@ def calibration_loss(name: str, logp_BxK, sim_BxK, mask_BxK, *, beta: float, pai
   raise ValueError(f"unknown calibration loss {name!r}; choose from {LOSSES}.")
 
 
-def _per_example(x):
-  """Calibration losses may return ``[B]`` or ``([B], extras)``."""
-  return x[0] if isinstance(x, tuple) else x
-
-
 def slic_loss_fn(model, c: dict[str, Any]):
   """``loss_fn(params, batch, rng, state)`` for :func:`slicjax.training.make_train_step`."""
 
   def loss_fn(params, batch, rng, state):
     cand = scoring.score_candidates(model, params, batch["inputs"], batch["candidates"])
-    cal = _per_example(calibration_loss(
+    cal, num_pairs = calibration_loss(
       c["loss"], cand["logp"], batch["sim"], batch["cand_mask"], beta=c["beta"],
       pairs=c["pairs"], rng=rng,
-    ))
-    metrics = {"cal_loss": jnp.mean(cal)}
+    )
+    # Examples whose candidates all tie in similarity contribute no pair (and no gradient).
+    metrics = {"cal_loss": jnp.mean(cal), "pairs_per_example": jnp.mean(num_pairs)}
     reg = jnp.zeros_like(cal)
     if c["regularizer"] != "none":
       target = {"inputs": batch["inputs"], "targets": batch["targets"]}

@@ -19,7 +19,7 @@ PRESETS: dict[str, dict[str, Any]] = {
   # ~10-15 minutes on a 2-core CPU.
   "default": dict(
     model=dict(preset="small", num_layers=2, d_model=128, d_ff=384, num_heads=4, num_kv_heads=2,
-               head_dim=32, vocab_size=1024, max_len=256),
+               head_dim=32, vocab_size=1000, max_len=256),
     data=dict(input_len=128, target_len=24, vocab_size=1000),
     train=dict(steps=900, batch_size=32),
     candidates=dict(num_examples=768, num_candidates=6, batch_size=32, chunk_size=128),
@@ -29,7 +29,7 @@ PRESETS: dict[str, dict[str, Any]] = {
   # A longer, better run (about an hour on 2 cores; minutes on a GPU).
   "long": dict(
     model=dict(preset="small", num_layers=4, d_model=256, d_ff=1024, num_heads=8, num_kv_heads=4,
-               head_dim=32, vocab_size=4096, max_len=320),
+               head_dim=32, vocab_size=4000, max_len=320),
     data=dict(input_len=192, target_len=32, vocab_size=4000),
     train=dict(steps=6000, batch_size=64),
     candidates=dict(num_examples=4096, num_candidates=8, batch_size=64, chunk_size=256),
@@ -38,8 +38,8 @@ PRESETS: dict[str, dict[str, Any]] = {
   ),
   # Seconds: used by the test suite to run every stage end to end.
   "smoke": dict(
-    model=dict(preset="tiny", vocab_size=320, max_len=96),
-    data=dict(input_len=48, target_len=12, vocab_size=300, max_input_chars=600),
+    model=dict(preset="tiny", vocab_size=512, max_len=96),
+    data=dict(input_len=48, target_len=12, vocab_size=512, max_input_chars=600),
     train=dict(steps=20, batch_size=8),
     candidates=dict(num_examples=16, num_candidates=3, batch_size=8, chunk_size=8),
     calibrate=dict(steps=6, batch_size=8),

@@ -33,7 +33,7 @@ EXTRAS = {
   ],
   "hf": [
     "torch==2.13.0",
-    "transformers>=4.50",
+    "transformers>=5.0",
     "safetensors>=0.4",
     "tokenizers>=0.20",
   ],

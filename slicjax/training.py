@@ -286,7 +286,8 @@ def train(
   if loop.progress and is_main:
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=loop.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=loop.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+               mininterval=1.0)
   pending: list[dict] = []
   t0 = time.time()
   last_logged = start
@@ -308,7 +309,6 @@ def train(
           )
         if bar is not None:
           bar.update(1)
-          bar.set_postfix(loss=f"{loss:.4f}")
         if done % loop.log_every == 0 or done == loop.steps:
           host = jax.device_get(pending)
           mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
@@ -317,6 +317,8 @@ def train(
           if "tokens" in mean:
             mean["tokens_per_sec"] = mean["tokens"] * mean["steps_per_sec"]
           writer.write(done, mean, "train")
+          if bar is not None:
+            bar.set_postfix(loss=f"{mean['loss']:.4f}", refresh=False)
           if on_log is not None:
             on_log(done, mean)
           pending, t0, last_logged = [], time.time(), done

@@ -193,31 +193,36 @@ def load_pairs(config, c, *, model, params, data, pairs=None):
   return pairs
 
 
+_STATE_CACHE: dict[Any, Any] = {}
 _STEP_CACHE: dict[Any, Any] = {}
 
 
 def _state_and_step(model, c, config, mesh, params, data):
-  """Train state and compiled step; a second run with the same model, loss and optimizer
-  reuses the compiled step (the synthetic-gold experiment trains several policies)."""
+  """Train state and compiled step. Runs with the same model, optimizer and mesh share the
+  state layout, and with the same loss too the compiled step (the synthetic-gold experiment and
+  sweeps train several policies in one process)."""
   opt_cfg = common.to_dict(config.get("optimizer"))
-  loss_keys = ("loss", "beta", "gamma", "delta", "label_smoothing", "reg_weight", "ref_logp")
-  key = (model, tuple(c[k] for k in loss_keys), json.dumps(opt_cfg, sort_keys=True, default=str),
-         c["steps"], mesh.axis_names, tuple(d.id for d in mesh.devices.flat), data.input_len,
-         data.target_len)
   ref = params if c["ref_logp"] == "on_the_fly" else None
+  state_key = (model, json.dumps(opt_cfg, sort_keys=True, default=str), c["steps"],
+               mesh.axis_names, tuple(d.id for d in mesh.devices.flat), data.input_len,
+               data.target_len, ref is None)
+  loss_keys = ("loss", "beta", "gamma", "delta", "label_smoothing", "reg_weight", "ref_logp")
+  step_key = state_key + tuple(c[k] for k in loss_keys)
   rng = jax.random.PRNGKey(c["seed"])
-  if key in _STEP_CACHE:
-    tx, state_sh, step = _STEP_CACHE[key]
+  if state_key in _STATE_CACHE:
+    tx, schedule, state_sh = _STATE_CACHE[state_key]
     state = jax.device_put(TrainState.create(params, tx, rng, ref_params=ref), state_sh)
-    return state, state_sh, step
-  tx, schedule = optim.make_optimizer(opt_cfg, c["steps"])
-  state, state_sh = training.create_train_state(
-    model, tx, mesh, rng, params=params, ref_params=ref,
-    init_kwargs=dict(input_len=data.input_len, target_len=data.target_len),
-  )
-  step = training.make_train_step(preference_loss_fn(model, c), tx, mesh, state_sh, schedule)
-  _STEP_CACHE[key] = (tx, state_sh, step)
-  return state, state_sh, step
+  else:
+    tx, schedule = optim.make_optimizer(opt_cfg, c["steps"])
+    state, state_sh = training.create_train_state(
+      model, tx, mesh, rng, params=params, ref_params=ref,
+      init_kwargs=dict(input_len=data.input_len, target_len=data.target_len),
+    )
+    _STATE_CACHE[state_key] = (tx, schedule, state_sh)
+  if step_key not in _STEP_CACHE:
+    _STEP_CACHE[step_key] = training.make_train_step(
+      preference_loss_fn(model, c), tx, mesh, state_sh, schedule)
+  return state, state_sh, _STEP_CACHE[step_key]
 
 
 def train_preference(config, workdir: str, *, params=None, model=None, data=None, pairs=None,

@@ -102,3 +102,57 @@ def test_sigterm_checkpoints_and_resume_equals_uninterrupted(tmp_path):
   assert sa == sb == 40
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x, y)
+
+
+CAND_ARGS = [
+  "--config=experiments/configs/slic.py", "--config.data.name=reverse",
+  "--config.model.preset=tiny", "--config.model.vocab_size=32", "--config.model.max_len=32",
+  "--config.data.input_len=8", "--config.data.target_len=9", "--config.data.num_train=96",
+  "--config.candidates.num_examples=96", "--config.candidates.chunk_size=8",
+  "--config.candidates.batch_size=8", "--config.candidates.num_candidates=3",
+  "--config.candidates.method=sample", "--config.candidates.similarity=token_embedding",
+  "--config.candidates.progress=False",
+]
+
+
+def _read_set(d):
+  from slicjax.pipelines import candidates
+
+  return [(r["index"], r["candidates"], [round(x, 4) for x in r["logp"]]) for r in
+          candidates.read_candidates(str(d))]
+
+
+@pytest.mark.slow
+def test_two_process_candidates_survive_a_kill_and_match_one_process(tmp_path):
+  log = open(tmp_path / "log.txt", "w")
+  ft = tmp_path / "ft"
+  p = _run(["experiments/train.py", *TRAIN_ARGS, "--config.train.steps=10",
+            f"--workdir={ft}"], log)
+  assert p.wait(timeout=300) == 0
+  args = [*CAND_ARGS, f"--config.candidates.finetuned_workdir={ft}"]
+
+  def two(out, port):
+    return [_run(["experiments/generate_candidates.py", *args, f"--workdir={out}",
+                  f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                  f"--process_id={i}", "--local_device_count=1"], log) for i in range(2)]
+
+  out = tmp_path / "two"
+  procs = two(out, _free_port())
+  deadline = time.time() + 240
+  while time.time() < deadline and len(list(out.glob("chunk-*.jsonl"))) < 3:
+    assert all(q.poll() is None for q in procs), open(tmp_path / "log.txt").read()[-3000:]
+    time.sleep(0.05)
+  for q in procs:  # kill both mid-way (a crashed job): only complete chunks remain
+    q.kill()
+    q.wait()
+  written = sorted(out.glob("chunk-*.jsonl"))
+  assert 0 < len(written) < 12, len(written)
+  procs = two(out, _free_port())
+  for q in procs:
+    assert q.wait(timeout=300) == 0, open(tmp_path / "log.txt").read()[-3000:]
+  one = _run(["experiments/generate_candidates.py", *args, f"--workdir={tmp_path / 'one'}"], log)
+  assert one.wait(timeout=300) == 0
+  a, b = _read_set(out), _read_set(tmp_path / "one")
+  assert len(a) == len(b) == 96
+  assert a == b
+  assert not list(out.glob("*.tmp*"))

@@ -9,15 +9,27 @@
       --model_workdirs=fine-tuned=runs/mle,calibrated=runs/calibrate --workdir=runs/eval
 """
 
+import importlib.util
+import os
+
 import ml_collections
 
-from experiments.configs import mle as mle_config
 from slicjax import optim
 from slicjax.pipelines import calibrate, candidates, evaluate
 
 
+def _mle_config():
+  # Config files are loaded by path (not as a package), so load the sibling by path too.
+  spec = importlib.util.spec_from_file_location(
+    "slicjax_mle_config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "mle.py")
+  )
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def get_config():
-  c = mle_config.get_config()
+  c = _mle_config()
   c.candidates = ml_collections.ConfigDict(dict(candidates.CANDIDATE_KEYS))
   c.calibrate = ml_collections.ConfigDict(dict(calibrate.CALIBRATE_KEYS))
   c.optimizer = ml_collections.ConfigDict({**optim.DEFAULTS, **dict(

@@ -1,0 +1,47 @@
+"""Preference optimization of the SFT policy (DPO / sigmoid-norm, hinge, hinge-norm, IPO,
+SLiC-HF) on direct, sft-sample-rank or rso-sample-rank pairs; or, with --experiment, the
+synthetic-gold experiment comparing them.
+
+  python experiments/train_preference.py --config=experiments/configs/preference.py \
+      --config.preference.sft_workdir=runs/mle --config.preference.loss=hinge \
+      --config.preference.pair_source=rso-sample-rank --config.preference.pairs=runs/pairs_rso \
+      --workdir=runs/hinge_rso
+  python experiments/train_preference.py --experiment=smoke --workdir=runs/gold_smoke
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from slicjax import distributed, training
+from slicjax.pipelines import preference
+
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", "experiments/configs/preference.py", "Job config.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and summaries.")
+_EXPERIMENT = flags.DEFINE_enum(
+  "experiment", None, sorted(preference.EXPERIMENT_PRESETS),
+  "Run the synthetic-gold experiment with this preset instead (--config is then unused).")
+distributed.define_flags()
+
+
+def main(argv):
+  del argv
+  distributed.initialize_from_flags()
+  if _EXPERIMENT.value:
+    out = preference.synthetic_gold_experiment(None, _WORKDIR.value, _EXPERIMENT.value)
+    print(f"report: {out['report']}")
+    return
+  try:
+    _, summary = preference.train_preference(_CONFIG.value, _WORKDIR.value)
+  except training.Preempted as e:  # SIGTERM: checkpoint written; rerun resumes
+    logging.warning("%s", e)
+    return
+  b, a = summary["before"], summary["after"]
+  print(f"{summary['loss']} on {summary['num_pairs']} {summary['pair_source']} pairs: "
+        f"pair accuracy {b['accuracy']:.3f} -> {a['accuracy']:.3f}, "
+        f"DPO loss {b['dpo_loss']:.4f} -> {a['dpo_loss']:.4f}")
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("workdir")
+  app.run(main)

@@ -1,0 +1,35 @@
+"""Train a reward model (pointwise Bradley-Terry or pairwise text-to-text ranker) on preference
+pairs and report held-out pair accuracy.
+
+  python experiments/train_reward.py --config=experiments/configs/preference.py \
+      --config.reward.kind=ranker --config.reward.pairs=runs/pairs_direct \
+      --config.reward.init_from=runs/mle --workdir=runs/reward
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from slicjax import distributed, training
+from slicjax.pipelines import reward
+
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", "experiments/configs/preference.py", "Job config.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and reward_eval.json.")
+distributed.define_flags()
+
+
+def main(argv):
+  del argv
+  distributed.initialize_from_flags()
+  try:
+    _, report = reward.train_reward(_CONFIG.value, _WORKDIR.value)
+  except training.Preempted as e:  # SIGTERM: checkpoint written; rerun resumes
+    logging.warning("%s", e)
+    return
+  print(f"held-out pair accuracy: {report['heldout_accuracy']:.4f} "
+        f"({report['heldout_pairs']} pairs; train {report['train_accuracy']:.4f})")
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("workdir")
+  app.run(main)

@@ -66,9 +66,11 @@ def build_model(config) -> seq_model.SeqModel:
   if family == "ssm":
     from slicjax.models import ssm
 
-    for k in ("num_heads", "num_kv_heads", "head_dim", "d_ff", "num_layers"):
-      if k in d and preset is not None:
-        d.pop(k)
+    if preset is not None:  # presets are written for transformers: translate their sizes
+      for k in ("num_heads", "num_kv_heads", "head_dim", "d_ff"):
+        d.pop(k, None)
+      if "num_layers" in d:
+        d.setdefault("n_layers", d.pop("num_layers"))
     max_len = d.pop("max_len", 1 << 30)
     cfg = _dataclass_from(ssm.SSMConfig, d, "ssm")
     return seq_model.PrefixLM(ssm.SSMLM(cfg), max_len, cfg.vocab_size, "ssm")

@@ -65,6 +65,13 @@ def create_train_state(
       params = jax.tree.map(lambda x: x, _unbox(init_fn(init_rng))["params"])
     return TrainState.create(params, tx, state_rng, ref_params=ref_params)
 
+  # Given params (e.g. loaded on one device) move onto the mesh first.
+  rep = sharding.replicated(mesh)
+  init_rng, state_rng = jax.device_put((init_rng, state_rng), rep)
+  if params is not None:
+    params = jax.device_put(params, param_sh)
+  if ref_params is not None:
+    ref_params = jax.device_put(ref_params, param_sh)
   abstract_state = jax.eval_shape(make_state, init_rng, state_rng, params, ref_params)
   state_sh = _state_shardings(abstract_state, param_sh, mesh)
   with sharding.use_mesh(mesh):

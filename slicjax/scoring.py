@@ -49,7 +49,13 @@ def score_targets(
 
   Returns a dict with ``token_logp`` ``[B, L]``, ``mask`` ``[B, L]``, ``logp`` ``[B]``,
   ``logits`` ``[B, L, V]`` and, with ``return_hidden``, ``hidden`` ``[B, L, D]``.
+
+  Diffusion models (which have ``sequence_logprob``) return ``logp`` as an ELBO estimate and
+  ``token_logp``/``logits`` as ``None``; ``rngs['diffusion']`` keys the estimate (a fixed key
+  when absent, so policy and reference scored alike share timesteps and masks).
   """
+  if hasattr(model, "sequence_logprob"):
+    return _elbo_scores(model, params, batch["inputs"], batch["targets"], rngs, return_hidden)
   logits, hidden = model.target_logits(
     params, batch, return_hidden=return_hidden, deterministic=deterministic, rngs=rngs
   )
@@ -79,6 +85,11 @@ def score_candidates(
       f"candidates must be [B, K, L] with B = inputs' batch {inputs_BxS.shape[0]}, got "
       f"{candidates_BxKxL.shape}."
     )
+  if hasattr(model, "sequence_logprob"):
+    b, k, length = candidates_BxKxL.shape
+    out = _elbo_scores(model, params, jnp.repeat(inputs_BxS, k, axis=0),
+                       candidates_BxKxL.reshape(b * k, length), rngs, return_hidden)
+    return dict(out, logp=out["logp"].reshape(b, k), mask=out["mask"].reshape(b, k, length))
   logits, hidden = model.candidate_logits(
     params, inputs_BxS, candidates_BxKxL, return_hidden=return_hidden,
     deterministic=deterministic, rngs=rngs,
@@ -90,3 +101,12 @@ def score_candidates(
   if return_hidden:
     out["hidden"] = hidden
   return out
+
+
+def _elbo_scores(model, params, inputs_BxS, targets_BxL, rngs, return_hidden):
+  if return_hidden:
+    raise ValueError("diffusion models expose no decoder states; use a 'rouge' or "
+                     "'token_embedding' similarity instead of 'latent'.")
+  rng = (rngs or {}).get("diffusion", jax.random.PRNGKey(0))
+  logp = model.sequence_logprob(params, inputs_BxS, targets_BxL, rng)
+  return dict(token_logp=None, mask=target_mask(targets_BxL), logp=logp, logits=None)

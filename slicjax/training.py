@@ -117,6 +117,17 @@ def _state_shardings(abstract_state: TrainState, param_sh, mesh: Mesh):
 def mle_loss_fn(model: SeqModel, *, label_smoothing: float = 0.0, z_loss: float = 0.0) -> LossFn:
   """Token cross-entropy on the targets (padding and packing masks respected)."""
 
+  if hasattr(model, "mle_loss"):  # diffusion: the one-sample -ELBO, per token
+
+    def elbo_loss_fn(params, batch, rng, state):
+      del state
+      per_example = model.mle_loss(params, batch, rng)
+      tokens = jnp.sum(scoring.target_mask(batch["targets"]))
+      loss = jnp.sum(per_example) / jnp.maximum(tokens, 1.0)
+      return loss, {"nll": loss, "tokens": tokens}
+
+    return elbo_loss_fn
+
   def loss_fn(params, batch, rng, state):
     del state
     logits, _ = model.target_logits(

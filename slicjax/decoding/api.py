@@ -113,6 +113,9 @@ def decode(
     ValueError: unknown method or option, a missing required option, or ``rng`` missing for
       sampling (and every check of the chosen algorithm).
   """
+  if hasattr(model, "generate"):  # families that do not decode token by token (diffusion)
+    return model.generate(params, inputs, method=method, max_len=max_len, rng=rng,
+                          example_ids=example_ids, **options)
   if not hasattr(model, "decode_state"):
     raise ValueError(
       f"model {type(model).__name__} has no decode_state(params, inputs, max_len); pass a "

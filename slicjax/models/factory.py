@@ -75,7 +75,7 @@ def build_model(config) -> seq_model.SeqModel:
     cfg = _dataclass_from(ssm.SSMConfig, d, "ssm")
     return seq_model.PrefixLM(ssm.SSMLM(cfg), max_len, cfg.vocab_size, "ssm")
   if family == "diffusion":
-    from slicjax.models import diffusion
+    from slicjax.models import diffusion_seq
 
-    return diffusion.build_diffusion_model(d)
+    return diffusion_seq.build(d)
   raise ValueError(f"unknown model family {family!r}; choose from {FAMILIES}.")

@@ -59,7 +59,9 @@ def slic_loss_fn(model, c: dict[str, Any]):
   """``loss_fn(params, batch, rng, state)`` for :func:`slicjax.training.make_train_step`."""
 
   def loss_fn(params, batch, rng, state):
-    cand = scoring.score_candidates(model, params, batch["inputs"], batch["candidates"])
+    rngs = {"diffusion": rng}  # keys the ELBO estimate of diffusion models; unused otherwise
+    cand = scoring.score_candidates(model, params, batch["inputs"], batch["candidates"],
+                                    rngs=rngs)
     cal, num_pairs = calibration_loss(
       c["loss"], cand["logp"], batch["sim"], batch["cand_mask"], beta=c["beta"],
       pairs=c["pairs"], rng=rng,
@@ -69,8 +71,10 @@ def slic_loss_fn(model, c: dict[str, Any]):
     reg = jnp.zeros_like(cal)
     if c["regularizer"] != "none":
       target = {"inputs": batch["inputs"], "targets": batch["targets"]}
-      pol = scoring.score_targets(model, params, target)
-      if c["regularizer"] == "ce":
+      pol = scoring.score_targets(model, params, target, rngs=rngs)
+      if c["regularizer"] == "ce" and pol["token_logp"] is None:  # diffusion: -ELBO
+        reg = -pol["logp"]
+      elif c["regularizer"] == "ce":
         reg = regularizers.cross_entropy_regularizer(pol["token_logp"], pol["mask"])
       elif c["regularizer"] == "kl":
         ref_logits = jax.lax.stop_gradient(
@@ -82,7 +86,7 @@ def slic_loss_fn(model, c: dict[str, Any]):
           pol["logits"], batch["ref_topk_logp"], batch["ref_topk_ids"], pol["mask"]
         )
       metrics["reg_loss"] = jnp.mean(reg)
-      metrics["target_nll_per_token"] = -jnp.sum(pol["token_logp"] * pol["mask"]) / jnp.maximum(
+      metrics["target_nll_per_token"] = -jnp.sum(pol["logp"]) / jnp.maximum(
         jnp.sum(pol["mask"]), 1.0)
     loss = jnp.mean(cal) + c["reg_weight"] * jnp.mean(reg)
     metrics["mean_cand_logp"] = jnp.sum(cand["logp"] * batch["cand_mask"]) / jnp.maximum(

@@ -80,8 +80,90 @@ for name in ("rank", "margin", "list_rank", "expected_reward"):
 ]
 
 
+DECODERS = [
+  ("md", "# Three decoder families under the same losses\n\nA state-space LM (S4D: FFT "
+         "convolution for training, recurrence for decoding) and a masked diffusion LM (ELBO "
+         "scoring, parallel sampling) train through the same MLE job and are scored by the same "
+         "`scoring` functions the calibration and preference losses consume."),
+  ("code", SETUP),
+  ("code", MESH),
+  ("code", '''import tempfile, time
+import jax, jax.numpy as jnp, numpy as np, ml_collections
+from slicjax import optim, scoring
+from slicjax.pipelines import mle, tasks
+steps = 30 if TINY else 400
+
+def config(model):
+    c = ml_collections.ConfigDict()
+    c.model = model
+    c.data = {**tasks.DATA_KEYS, "name": "reverse", "input_len": 8, "target_len": 9,
+              "synthetic_vocab": 32, "num_train": 2048, "num_eval": 64}
+    c.optimizer = {**optim.DEFAULTS, "learning_rate": 3e-3, "warmup_steps": 20}
+    c.train = {**mle.TRAIN_KEYS, "steps": steps, "batch_size": 32, "log_every": 10,
+               "checkpoint_every": 10**9, "progress": False}
+    c.mesh_shape = tuple(mesh.devices.shape)
+    return ml_collections.ConfigDict(c.to_dict())
+
+curves, runs = {}, {}
+for name, model in {
+    "transformer": dict(family="transformer", preset="tiny", vocab_size=32, max_len=32),
+    "ssm (s4d)": dict(family="ssm", preset="tiny", vocab_size=32, variant="s4d"),
+    "diffusion": dict(family="diffusion", preset="tiny", vocab_size=32, max_len=32),
+}.items():
+    pts = []
+    state, m, data = mle.run(config(model), tempfile.mkdtemp(),
+                             on_log=lambda s, x: pts.append((s, x["loss"])))
+    curves[name], runs[name] = pts, (m, state.params, data)
+    print(f"{name:12s} final training loss {pts[-1][1]:.3f}")'''),
+  ("code", '''import matplotlib.pyplot as plt
+plt.figure(figsize=(5, 3.5))
+for name, pts in curves.items():
+    plt.plot([p[0] for p in pts], [p[1] for p in pts], label=name)
+plt.xlabel("step"); plt.ylabel("loss per target token (diffusion: -ELBO)"); plt.legend()
+plt.show()'''),
+  ("md", "## SSM: recurrence == convolution, and flat per-token cost\n\nThe cached "
+         "step-by-step decode must give the same logits as the training-mode (FFT) pass."),
+  ("code", '''from slicjax.models.ssm import init_cache
+m, params, data = runs["ssm (s4d)"]
+tokens = jnp.asarray(np.random.default_rng(0).integers(4, 32, (2, 12)), jnp.int32)
+full = m.module.apply({"params": params}, tokens)
+cache = init_cache(m.module.config, 2)
+steps_out = []
+for t in range(tokens.shape[1]):
+    out, mut = m.module.apply({"params": params, "cache": cache}, tokens[:, t:t + 1],
+                              decode=True, mutable=["cache"])
+    cache = mut["cache"]
+    steps_out.append(out[:, 0])
+print("max |recurrent - convolution| =", float(jnp.max(jnp.abs(jnp.stack(steps_out, 1) - full))))'''),
+  ("md", "## Diffusion: parallel sampling and tokens per network evaluation"),
+  ("code", '''from slicjax.decoding import diffusion_sampling
+from slicjax.models import diffusion
+m, params, data = runs["diffusion"]
+batch = data.eval_batches(1, 16)[0]
+rows = []
+for tau in (1.0, 0.9, 0.5):
+    tokens, tmask = diffusion.prefix_layout(jnp.asarray(batch["inputs"]), target_len=9,
+                                            mask_id=m.lm.mask_id)
+    out, stats = diffusion_sampling.confidence_threshold_sample(
+        m.lm.denoiser(params), tokens, tmask == 0, jax.random.PRNGKey(0),
+        mask_id=m.lm.mask_id, threshold=tau)
+    rows.append((tau, int(stats.num_evals), float(jnp.mean(stats.tokens_per_eval_B))))
+    print(f"tau={tau}: {int(stats.num_evals)} network evaluations, "
+          f"{float(jnp.mean(stats.tokens_per_eval_B)):.2f} tokens committed per evaluation")
+elbo = scoring.score_targets(m, params, {"inputs": jnp.asarray(batch["inputs"]),
+                                         "targets": jnp.asarray(batch["targets"])})["logp"]
+print("mean ELBO log-likelihood of the references:", float(jnp.mean(elbo)))'''),
+  ("code", '''plt.figure(figsize=(4.5, 3))
+plt.bar([str(r[0]) for r in rows], [r[2] for r in rows])
+plt.xlabel("confidence threshold tau"); plt.ylabel("tokens / network evaluation")
+plt.show()'''),
+]
+
+
 def main():
-  for name, cells in {"01_slic_quickstart.ipynb": QUICKSTART}.items():
+  notebooks = {"01_slic_quickstart.ipynb": QUICKSTART,
+               "03_decoders_ssm_diffusion.ipynb": DECODERS}
+  for name, cells in notebooks.items():
     nbformat.write(nb(cells), os.path.join(HERE, name))
     print("wrote", name)
 

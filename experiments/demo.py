@@ -1,6 +1,7 @@
 """The end-to-end SLiC demo on the embedded stdlib_docstrings task (what `make demo` runs).
 
   python experiments/demo.py --workdir=runs/demo [--preset=default|long|smoke]
+      [--losses=rank,margin,list_rank,expected_reward]
 """
 
 from absl import app, flags
@@ -10,6 +11,10 @@ from slicjax.pipelines import demo
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where the run and report.md go.")
 _PRESET = flags.DEFINE_enum("preset", "default", sorted(demo.PRESETS), "Run size.")
+_LOSSES = flags.DEFINE_list(
+  "losses", [], "Calibration losses to run and compare side by side (default: the preset's one, "
+  "rank). Each is calibrated from the same fine-tuned model and candidates."
+)
 _SET = flags.DEFINE_multi_string(
   "set", [], "Config override as dotted.key=value (e.g. --set=train.steps=300)."
 )
@@ -34,7 +39,10 @@ def _parse(items):
 def main(argv):
   del argv
   distributed.initialize_from_flags()
-  report = demo.run(_WORKDIR.value, _PRESET.value, _parse(_SET.value))
+  overrides = _parse(_SET.value)
+  if _LOSSES.value:
+    overrides["calibrate_losses"] = ",".join(_LOSSES.value)
+  report = demo.run(_WORKDIR.value, _PRESET.value, overrides)
   print(f"\nreport: {report['path']}")
 
 

@@ -15,7 +15,8 @@ from slicjax import distributed
 from slicjax.pipelines import common, rso
 
 _CONFIG = config_flags.DEFINE_config_file(
-  "config", "experiments/configs/preference.py", "Job config.")
+  "config", "experiments/configs/preference.py", "Job config."
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory for the pair chunks.")
 distributed.define_flags()
 

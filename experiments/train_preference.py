@@ -13,14 +13,18 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from slicjax import distributed, training
-from slicjax.pipelines import preference
+from slicjax.pipelines import gold_experiment, preference
 
 _CONFIG = config_flags.DEFINE_config_file(
-  "config", "experiments/configs/preference.py", "Job config.")
+  "config", "experiments/configs/preference.py", "Job config."
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and summaries.")
 _EXPERIMENT = flags.DEFINE_enum(
-  "experiment", None, sorted(preference.EXPERIMENT_PRESETS),
-  "Run the synthetic-gold experiment with this preset instead (--config is then unused).")
+  "experiment",
+  None,
+  sorted(gold_experiment.EXPERIMENT_PRESETS),
+  "Run the synthetic-gold experiment with this preset instead (--config is then unused).",
+)
 distributed.define_flags()
 
 
@@ -28,7 +32,7 @@ def main(argv):
   del argv
   distributed.initialize_from_flags()
   if _EXPERIMENT.value:
-    out = preference.synthetic_gold_experiment(None, _WORKDIR.value, _EXPERIMENT.value)
+    out = gold_experiment.synthetic_gold_experiment(None, _WORKDIR.value, _EXPERIMENT.value)
     print(f"report: {out['report']}")
     return
   try:
@@ -37,9 +41,11 @@ def main(argv):
     logging.warning("%s", e)
     return
   b, a = summary["before"], summary["after"]
-  print(f"{summary['loss']} on {summary['num_pairs']} {summary['pair_source']} pairs: "
-        f"pair accuracy {b['accuracy']:.3f} -> {a['accuracy']:.3f}, "
-        f"DPO loss {b['dpo_loss']:.4f} -> {a['dpo_loss']:.4f}")
+  print(
+    f"{summary['loss']} on {summary['num_pairs']} {summary['pair_source']} pairs: "
+    f"pair accuracy {b['accuracy']:.3f} -> {a['accuracy']:.3f}, "
+    f"DPO loss {b['dpo_loss']:.4f} -> {a['dpo_loss']:.4f}"
+  )
 
 
 if __name__ == "__main__":

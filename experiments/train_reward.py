@@ -13,7 +13,8 @@ from slicjax import distributed, training
 from slicjax.pipelines import reward
 
 _CONFIG = config_flags.DEFINE_config_file(
-  "config", "experiments/configs/preference.py", "Job config.")
+  "config", "experiments/configs/preference.py", "Job config."
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and reward_eval.json.")
 distributed.define_flags()
 
@@ -26,8 +27,10 @@ def main(argv):
   except training.Preempted as e:  # SIGTERM: checkpoint written; rerun resumes
     logging.warning("%s", e)
     return
-  print(f"held-out pair accuracy: {report['heldout_accuracy']:.4f} "
-        f"({report['heldout_pairs']} pairs; train {report['train_accuracy']:.4f})")
+  print(
+    f"held-out pair accuracy: {report['heldout_accuracy']:.4f} "
+    f"({report['heldout_pairs']} pairs; train {report['train_accuracy']:.4f})"
+  )
 
 
 if __name__ == "__main__":

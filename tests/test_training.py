@@ -1,6 +1,5 @@
 """Training: sharded step == single-device step, exact kill-and-resume, clear errors."""
 
-import os
 import shutil
 
 import jax

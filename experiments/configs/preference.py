@@ -20,19 +20,57 @@ on top of the MLE config. Every key exists here, so any can be set on the comman
 
 import ml_collections
 
-from experiments.configs import mle as mle_config
 from slicjax import optim
-from slicjax.pipelines import preference, reward, rso
+from slicjax.pipelines import mle, preference, reward, rso, tasks
 
 
 def get_config():
-  c = mle_config.get_config()
+  # The MLE config's model and data (self-contained: config files are loaded by path, so this
+  # one imports only the installed package).
+  c = ml_collections.ConfigDict()
+  c.model = ml_collections.ConfigDict(
+    dict(
+      family="transformer",
+      preset="small",
+      vocab_size=2048,
+      max_len=320,
+      num_encoder_layers=0,
+      num_layers=3,
+      d_model=128,
+      d_ff=512,
+      num_heads=4,
+      num_kv_heads=4,
+      head_dim=32,
+      dropout_rate=0.0,
+    )
+  )
+  c.data = ml_collections.ConfigDict(
+    {
+      **tasks.DATA_KEYS,
+      **dict(
+        name="stdlib_docstrings",
+        input_len=192,
+        target_len=32,
+        vocab_size=2000,
+      ),
+    }
+  )
+  c.train = ml_collections.ConfigDict(dict(mle.TRAIN_KEYS))
+  c.mesh_shape = (-1, 1, 1)
   c.reward_model = ml_collections.ConfigDict(c.model.to_dict())
   c.reward = ml_collections.ConfigDict(dict(reward.REWARD_KEYS))
-  c.reward_optimizer = ml_collections.ConfigDict({**optim.DEFAULTS, **dict(
-    learning_rate=1e-4, warmup_steps=20, schedule="constant", decay_steps=0)})
+  c.reward_optimizer = ml_collections.ConfigDict(
+    {
+      **optim.DEFAULTS,
+      **dict(learning_rate=1e-4, warmup_steps=20, schedule="constant", decay_steps=0),
+    }
+  )
   c.rso = ml_collections.ConfigDict(dict(rso.RSO_KEYS))
   c.preference = ml_collections.ConfigDict(dict(preference.PREFERENCE_KEYS))
-  c.optimizer = ml_collections.ConfigDict({**optim.DEFAULTS, **dict(
-    learning_rate=3e-4, warmup_steps=10, schedule="constant", decay_steps=0)})
+  c.optimizer = ml_collections.ConfigDict(
+    {
+      **optim.DEFAULTS,
+      **dict(learning_rate=3e-4, warmup_steps=10, schedule="constant", decay_steps=0),
+    }
+  )
   return c

@@ -78,6 +78,9 @@ def build_config(preset: str, overrides: dict[str, Any] | None = None) -> ml_col
   c.calibrate_optimizer = {**optim.DEFAULTS, "learning_rate": 3e-4, "warmup_steps": 10,
                            "schedule": "constant", "decay_steps": 0}
   c.evaluate = {**keys("evaluate", "EVAL_KEYS"), **p["evaluate"]}
+  # Comma-separated calibration losses, each calibrated from the same checkpoint and candidates
+  # and evaluated side by side (e.g. "rank,margin,list_rank,expected_reward"); "" = calibrate.loss.
+  c.calibrate_losses = ""
   c.mesh_shape = (-1, 1, 1)
   c = ml_collections.ConfigDict(c.to_dict())
   if overrides:
@@ -161,31 +164,34 @@ def run(workdir: str, preset: str = "default", overrides: dict[str, Any] | None 
   if st.ok("fine-tune (MLE)"):
     st.run("decode + score candidates", cand_stage)
 
-  def cal_stage():
+  losses = calibration_losses(config)
+  ctx["calibrated"] = {}
+
+  def cal_stage(loss: str):
     from slicjax.pipelines import calibrate
 
     cal_cfg = ml_collections.ConfigDict(config.to_dict())
     cal_cfg.optimizer = config.calibrate_optimizer
+    cal_cfg.calibrate.loss = loss
     cal_cfg.calibrate.candidates_dir = os.path.join(workdir, "candidates")
-    state, _ = calibrate.run(cal_cfg, os.path.join(workdir, "calibrate"),
+    state, _ = calibrate.run(cal_cfg, os.path.join(workdir, _cal_dir(losses, loss)),
                              params=ctx["ft_params"], data=ctx["data"])
-    ctx["cal_params"] = state.params
+    ctx["calibrated"][_cal_name(losses, loss)] = state.params
 
   if st.ok("decode + score candidates"):
-    st.run("calibrate (SLiC)", cal_stage)
+    for loss in losses:
+      st.run(f"calibrate (SLiC, {loss})", lambda loss=loss: cal_stage(loss))
 
   def eval_stage():
     from slicjax.pipelines import evaluate
 
-    models = {"fine-tuned": ctx["ft_params"]}
-    if "cal_params" in ctx:
-      models["calibrated"] = ctx["cal_params"]
+    models = {"fine-tuned": ctx["ft_params"], **ctx["calibrated"]}
     return evaluate.run(models, ctx["model"], ctx["data"], config, workdir,
                         decoder_for_report=ctx["ft_params"])
 
   result = st.run("evaluate", eval_stage) if st.ok("fine-tune (MLE)") else None
-  examples = _examples(ctx) if ("cal_params" in ctx) else []
-  report = write_report(workdir, preset, st.records, info, result, examples)
+  examples = _examples(ctx) if ctx["calibrated"] else []
+  report = write_report(workdir, preset, st.records, info, result, examples, losses)
   print("\n" + summary_text(st.records, result), flush=True)
   failed = [r for r in st.records if r["status"].startswith("failed")]
   if failed:
@@ -193,18 +199,41 @@ def run(workdir: str, preset: str = "default", overrides: dict[str, Any] | None 
   return report
 
 
+def calibration_losses(config) -> tuple[str, ...]:
+  """The calibration losses the demo runs: ``calibrate_losses`` (comma-separated or a sequence),
+  else the single ``calibrate.loss``. Each gets its own calibration from the same fine-tuned
+  checkpoint and candidates, and its own column in the evaluation."""
+  from slicjax.pipelines import calibrate
+
+  raw = config.get("calibrate_losses") or config.calibrate.loss
+  losses = tuple(x.strip() for x in raw.split(",")) if isinstance(raw, str) else tuple(raw)
+  unknown = [x for x in losses if x not in calibrate.LOSSES]
+  if unknown or not losses:
+    raise ValueError(f"calibrate_losses={raw!r}: unknown loss {unknown}; choose from "
+                     f"{calibrate.LOSSES} (comma-separated, e.g. 'rank,margin').")
+  return losses
+
+
+def _cal_name(losses, loss) -> str:
+  return "calibrated" if len(losses) == 1 else f"calibrated ({loss})"
+
+
+def _cal_dir(losses, loss) -> str:
+  return "calibrate" if len(losses) == 1 else f"calibrate_{loss}"
+
+
 def _examples(ctx, n: int = 4):
   from slicjax.pipelines import evaluate
 
   data, model = ctx["data"], ctx["model"]
   ex = data.eval_examples[:n]
+  models = {"fine-tuned": ctx["ft_params"], **ctx["calibrated"]}
   outs = {}
-  for name in ("ft_params", "cal_params"):
-    texts, _ = evaluate.decode_split(model, ctx[name], data, ex, beam_size=4, alpha=0.0,
-                                     batch_size=len(ex), max_len=data.target_len)
-    outs[name] = texts
+  for name, params in models.items():
+    outs[name], _ = evaluate.decode_split(model, params, data, ex, beam_size=4, alpha=0.0,
+                                          batch_size=len(ex), max_len=data.target_len)
   return [dict(input=data.detokenize(e["inputs"])[:300], reference=data.detokenize(e["targets"]),
-               fine_tuned=outs["ft_params"][i], calibrated=outs["cal_params"][i])
+               outputs={name: outs[name][i] for name in models})
           for i, e in enumerate(ex)]
 
 
@@ -221,9 +250,8 @@ def summary_text(records, result) -> str:
   return "\n".join(lines)
 
 
-def write_report(workdir, preset, records, info, result, examples):
+def write_report(workdir, preset, records, info, result, examples, losses=("rank",)):
   from slicjax.evaluation import plots
-
   from slicjax.pipelines import evaluate
 
   lines = [f"# slicjax demo report (preset `{preset}`)", ""]
@@ -232,8 +260,10 @@ def write_report(workdir, preset, records, info, result, examples):
   if info:
     lines += ["", f"Dataset: {info['train']} train / {info['eval']} eval examples, "
               f"tokenizer vocabulary {info['vocab']}."]
-  curves = {"MLE loss": _curve(os.path.join(workdir, "mle"), "loss"),
-            "calibration loss": _curve(os.path.join(workdir, "calibrate"), "loss")}
+  curves = {"MLE loss": _curve(os.path.join(workdir, "mle"), "loss")}
+  for loss in losses:
+    curves[f"calibration loss ({loss})"] = _curve(os.path.join(workdir, _cal_dir(losses, loss)),
+                                                  "loss")
   if any(curves.values()):
     plots.training_curves(curves, os.path.join(workdir, "training_curves.png"))
     lines += ["", "![training curves](training_curves.png)"]
@@ -243,9 +273,8 @@ def write_report(workdir, preset, records, info, result, examples):
   if examples:
     lines += ["## Examples (beam 4)", ""]
     for e in examples:
-      lines += [f"**input** `{e['input'][:200]!s}`", "",
-                f"- reference: {e['reference']}", f"- fine-tuned: {e['fine_tuned']}",
-                f"- calibrated: {e['calibrated']}", ""]
+      lines += [f"**input** `{e['input'][:200]!s}`", "", f"- reference: {e['reference']}"]
+      lines += [f"- {name}: {text}" for name, text in e["outputs"].items()] + [""]
   text = "\n".join(lines) + "\n"
   with open(os.path.join(workdir, "report.md"), "w") as f:
     f.write(text)

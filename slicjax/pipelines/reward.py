@@ -38,8 +38,18 @@ from slicjax.pipelines import common, rso, tasks
 from slicjax.preference import ranking
 
 REWARD_KEYS = dict(
-  kind="pointwise", pairs="", init_from="", steps=300, batch_size=16, eval_fraction=0.1,
-  log_every=25, checkpoint_every=1000, keep_checkpoints=2, seed=0, symmetric=True, progress=True,
+  kind="pointwise",
+  pairs="",
+  init_from="",
+  steps=300,
+  batch_size=16,
+  eval_fraction=0.1,
+  log_every=25,
+  checkpoint_every=1000,
+  keep_checkpoints=2,
+  seed=0,
+  symmetric=True,
+  progress=True,
 )
 KINDS = ("pointwise", "ranker")
 _INFO = "reward_model.json"
@@ -69,8 +79,11 @@ def make_network(kind: str, model_cfg: dict[str, Any], data=None, fmt=None):
   if fmt is None:
     if data is None:
       raise ValueError("a ranker needs the task (for its tokenizer or vocabulary size).")
-    fmt = (reward_models.PairFormat.from_tokenizer(data.tokenizer) if data.tokenizer is not None
-           else reward_models.PairFormat.reserved(data.vocab_size))
+    fmt = (
+      reward_models.PairFormat.from_tokenizer(data.tokenizer)
+      if data.tokenizer is not None
+      else reward_models.PairFormat.reserved(data.vocab_size)
+    )
   return reward_models.PairwiseRanker(backbone, fmt)
 
 
@@ -139,22 +152,39 @@ class LoadedReward:
 
   def label_pairs(self, inputs_BxS, cands_BxMxL, mask_BxM, rng, method="tournament"):
     """(chosen, rejected) indices from the ranker's pairwise judgements (see ``ranking``)."""
-    return _ranker_pairs(self.net, self.params, jnp.asarray(inputs_BxS),
-                         jnp.asarray(cands_BxMxL), jnp.asarray(mask_BxM), method,
-                         self.symmetric, rng)
+    return _ranker_pairs(
+      self.net,
+      self.params,
+      jnp.asarray(inputs_BxS),
+      jnp.asarray(cands_BxMxL),
+      jnp.asarray(mask_BxM),
+      method,
+      self.symmetric,
+      rng,
+    )
 
   def win_prob(self, inputs_BxS, y_BxL, other_BxL) -> np.ndarray:
     """``[B]`` probability that ``y`` beats ``other`` (pointwise: ``σ(r(y) − r(other))``)."""
-    return np.asarray(_win_prob(self.net, self.params, jnp.asarray(inputs_BxS),
-                                jnp.asarray(y_BxL), jnp.asarray(other_BxL), self.symmetric))
+    return np.asarray(
+      _win_prob(
+        self.net,
+        self.params,
+        jnp.asarray(inputs_BxS),
+        jnp.asarray(y_BxL),
+        jnp.asarray(other_BxL),
+        self.symmetric,
+      )
+    )
 
 
 def load_reward(workdir: str, *, symmetric: bool = True) -> LoadedReward:
   """Rebuilds the reward network of a :func:`train_reward` run and loads its parameters."""
   path = os.path.join(workdir, _INFO)
   if not os.path.isfile(path):
-    raise ValueError(f"{path} not found: {workdir!r} is not a train_reward workdir (run "
-                     "experiments/train_reward.py first).")
+    raise ValueError(
+      f"{path} not found: {workdir!r} is not a train_reward workdir (run "
+      "experiments/train_reward.py first)."
+    )
   with open(path) as f:
     info = json.load(f)
   fmt = reward_models.PairFormat.from_dict(info["format"]) if info.get("format") else None
@@ -177,8 +207,10 @@ def split_pairs(pairs, eval_fraction: float, seed: int):
   train = [p for p in pairs if p["index"] not in held]
   heldout = [p for p in pairs if p["index"] in held]
   if not train:
-    raise ValueError(f"no training pairs left after holding out {eval_fraction:.0%} of "
-                     f"{len(prompts)} prompts; lower reward.eval_fraction or add pairs.")
+    raise ValueError(
+      f"no training pairs left after holding out {eval_fraction:.0%} of "
+      f"{len(prompts)} prompts; lower reward.eval_fraction or add pairs."
+    )
   return train, heldout
 
 
@@ -195,7 +227,8 @@ def pair_loss_fn(net):
 def _pair_correct(net, params, inputs, chosen, rejected, symmetric):
   if isinstance(net, reward_models.RewardModel):
     return net.pair_loss(params, {"inputs": inputs, "chosen": chosen, "rejected": rejected})[1][
-      "accuracy"]
+      "accuracy"
+    ]
   if symmetric:
     return net.pair_accuracy(params, inputs, chosen, rejected)
   return (net.prob_a(params, inputs, chosen, rejected) > 0.5).astype(jnp.float32)
@@ -209,9 +242,14 @@ def pair_accuracy(net, params, arrays, *, batch_size: int, symmetric: bool = Tru
   correct = []
   for lo in range(0, n, batch_size):
     idx = np.arange(lo, lo + batch_size) % n  # fixed shape: wrap the last batch
-    got = _pair_correct(net, params, jnp.asarray(arrays["inputs"][idx]),
-                        jnp.asarray(arrays["chosen"][idx]), jnp.asarray(arrays["rejected"][idx]),
-                        symmetric)
+    got = _pair_correct(
+      net,
+      params,
+      jnp.asarray(arrays["inputs"][idx]),
+      jnp.asarray(arrays["chosen"][idx]),
+      jnp.asarray(arrays["rejected"][idx]),
+      symmetric,
+    )
     correct.append(np.asarray(got)[: min(batch_size, n - lo)])
   return float(np.mean(np.concatenate(correct)))
 
@@ -245,55 +283,84 @@ def train_reward(config, workdir: str, *, data=None, pairs=None, init_params=Non
   net = make_network(c["kind"], model_cfg, data)
   backbone = net.backbone if c["kind"] == "pointwise" else net.model
   if backbone.vocab_size < data.vocab_size:
-    raise ValueError(f"reward model vocab_size {backbone.vocab_size} < the task's "
-                     f"{data.vocab_size}; raise reward_model.vocab_size.")
+    raise ValueError(
+      f"reward model vocab_size {backbone.vocab_size} < the task's "
+      f"{data.vocab_size}; raise reward_model.vocab_size."
+    )
   input_len = _input_len(net, data)
   if init_params is None and c["init_from"]:
     init_params, _ = checkpoint.load_params(c["init_from"])
   params = None
   rng = jax.random.PRNGKey(c["seed"])
   if init_params is not None:
-    params = (net.params_from_backbone(init_params, rng, input_len=input_len,
-                                       target_len=data.target_len)
-              if c["kind"] == "pointwise" else init_params)
+    params = (
+      net.params_from_backbone(init_params, rng, input_len=input_len, target_len=data.target_len)
+      if c["kind"] == "pointwise"
+      else init_params
+    )
   arrays = rso.pairs_to_arrays(train_pairs, data.input_len, data.target_len)
   held = rso.pairs_to_arrays(held_pairs, data.input_len, data.target_len) if held_pairs else None
   mesh = common.make_mesh(config)
   opt_cfg = config.get("reward_optimizer") or config.get("optimizer")
   tx, schedule = optim.make_optimizer(common.to_dict(opt_cfg), c["steps"])
   state, state_sh = training.create_train_state(
-    net, tx, mesh, rng, params=params,
+    net,
+    tx,
+    mesh,
+    rng,
+    params=params,
     init_kwargs=dict(input_len=input_len, target_len=data.target_len),
   )
   train_arrays = {k: arrays[k] for k in ("inputs", "chosen", "rejected")}
   it = iterators.ArrayDictIterator(
-    train_arrays, c["batch_size"] // jax.process_count(), seed=c["seed"],
-    shard_index=jax.process_index(), shard_count=jax.process_count(),
+    train_arrays,
+    c["batch_size"] // jax.process_count(),
+    seed=c["seed"],
+    shard_index=jax.process_index(),
+    shard_count=jax.process_count(),
   )
   step = training.make_train_step(pair_loss_fn(net), tx, mesh, state_sh, schedule)
   state = training.train(
-    state=state, state_shardings=state_sh, train_step=step, train_iter=it, mesh=mesh,
+    state=state,
+    state_shardings=state_sh,
+    train_step=step,
+    train_iter=it,
+    mesh=mesh,
     workdir=workdir,
     loop=training.LoopConfig(
-      steps=c["steps"], log_every=c["log_every"], checkpoint_every=c["checkpoint_every"],
-      keep_checkpoints=c["keep_checkpoints"], progress=c["progress"],
+      steps=c["steps"],
+      log_every=c["log_every"],
+      checkpoint_every=c["checkpoint_every"],
+      keep_checkpoints=c["keep_checkpoints"],
+      progress=c["progress"],
     ),
   )
   params = jax.device_get(state.params)
   bs = c["batch_size"]
   report = dict(
-    kind=c["kind"], train_pairs=len(train_pairs), heldout_pairs=len(held_pairs),
+    kind=c["kind"],
+    train_pairs=len(train_pairs),
+    heldout_pairs=len(held_pairs),
     train_accuracy=pair_accuracy(net, params, arrays, batch_size=bs, symmetric=c["symmetric"]),
-    heldout_accuracy=(pair_accuracy(net, params, held, batch_size=bs, symmetric=c["symmetric"])
-                      if held is not None else float("nan")),
+    heldout_accuracy=(
+      pair_accuracy(net, params, held, batch_size=bs, symmetric=c["symmetric"])
+      if held is not None
+      else float("nan")
+    ),
   )
   if jax.process_index() == 0:
-    info = dict(kind=c["kind"], model=model_cfg,
-                format=net.fmt.to_dict() if c["kind"] == "ranker" else None)
+    info = dict(
+      kind=c["kind"], model=model_cfg, format=net.fmt.to_dict() if c["kind"] == "ranker" else None
+    )
     with open(os.path.join(workdir, _INFO), "w") as f:
       json.dump(info, f, indent=2)
     with open(os.path.join(workdir, "reward_eval.json"), "w") as f:
       json.dump(report, f, indent=2)
-  logging.info("reward model (%s): held-out pair accuracy %.3f on %d pairs (train %.3f)",
-               c["kind"], report["heldout_accuracy"], len(held_pairs), report["train_accuracy"])
+  logging.info(
+    "reward model (%s): held-out pair accuracy %.3f on %d pairs (train %.3f)",
+    c["kind"],
+    report["heldout_accuracy"],
+    len(held_pairs),
+    report["train_accuracy"],
+  )
   return LoadedReward(c["kind"], net, params, c["symmetric"]), report

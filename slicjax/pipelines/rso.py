@@ -21,7 +21,7 @@ chunk appears atomically). One line per prompt::
    "prompt": [ids], "target": [ids], "prompt_text": str, "target_text": str,
    "num_samples": N, "num_valid": int, "num_accepted": int, "num_unique": int,
    "expected_acceptance": float | null,      # RSO: mean_i exp((r_i - r_max) / β)
-   "accepted_rewards": [float], "num_ties": int,
+   "accepted_rewards": [float], "num_ties": int | null,   # null for first_round ranking
    "pairs": [{"chosen": [ids], "rejected": [ids], "chosen_text": str, "rejected_text": str,
               "chosen_reward": float, "rejected_reward": float,
               "ref_chosen_logp": float, "ref_rejected_logp": float}]}
@@ -54,9 +54,25 @@ from slicjax.pipelines import common, tasks
 from slicjax.preference import ranking, rejection_sampling
 
 RSO_KEYS = dict(
-  sft_workdir="", reward_workdir="", reward="model", mode="rso", split="train", num_examples=512,
-  num_samples=64, num_accept=8, beta=0.5, max_rounds=0, ranking="tournament", temperature=0.7,
-  top_k=40, top_p=1.0, max_len=0, batch_size=8, chunk_size=64, seed=0, symmetric=True,
+  sft_workdir="",
+  reward_workdir="",
+  reward="model",
+  mode="rso",
+  split="train",
+  num_examples=512,
+  num_samples=64,
+  num_accept=8,
+  beta=0.5,
+  max_rounds=0,
+  ranking="tournament",
+  temperature=0.7,
+  top_k=40,
+  top_p=1.0,
+  max_len=0,
+  batch_size=8,
+  chunk_size=64,
+  seed=0,
+  symmetric=True,
   progress=True,
 )
 MODES = ("rso", "sft")
@@ -81,8 +97,10 @@ def rso_config(config) -> dict[str, Any]:
       "are formed among the accepted samples."
     )
   if c["chunk_size"] % c["batch_size"]:
-    raise ValueError(f"rso.chunk_size {c['chunk_size']} must be a multiple of rso.batch_size "
-                     f"{c['batch_size']} so every chunk is made of whole batches.")
+    raise ValueError(
+      f"rso.chunk_size {c['chunk_size']} must be a multiple of rso.batch_size "
+      f"{c['batch_size']} so every chunk is made of whole batches."
+    )
   return c
 
 
@@ -109,17 +127,35 @@ def _candidate_logp(model, params, inputs_BxS, candidates_BxKxL):
 
 def sequence_logps(model, params, inputs_BxS, candidates_BxKxL) -> np.ndarray:
   """``log π(y_k | x)`` summed over tokens, ``[B, K]`` (one compiled program per shape)."""
-  return np.asarray(_candidate_logp(model, params, jnp.asarray(inputs_BxS),
-                                    jnp.asarray(candidates_BxKxL)))
+  return np.asarray(
+    _candidate_logp(model, params, jnp.asarray(inputs_BxS), jnp.asarray(candidates_BxKxL))
+  )
 
 
-def clean_completions(tokens_BxKxL, target_len: int) -> np.ndarray:
-  """Decoded tokens cut or padded to ``target_len``, padding after the first EOS."""
+def clean_completions(tokens_BxKxL, target_len: int, vocab_size: int | None = None) -> np.ndarray:
+  """Decoded tokens cut or padded to ``target_len``, padding after the first EOS.
+
+  With ``vocab_size`` (the task's vocabulary), a completion holding an id the task cannot
+  represent (a model vocabulary larger than the tokenizer's, or a ranker's reserved ids) is
+  emptied: it becomes an invalid candidate (masked downstream), with a logged count.
+  """
   t = np.asarray(tokens_BxKxL)[..., :target_len]
   if t.shape[-1] < target_len:
     t = np.pad(t, [(0, 0)] * (t.ndim - 1) + [(0, target_len - t.shape[-1])])
   after = np.cumsum(t == 1, axis=-1) - (t == 1) > 0
-  return np.where(after, 0, t).astype(np.int32)
+  t = np.where(after, 0, t).astype(np.int32)
+  if vocab_size is not None:
+    bad = (t >= vocab_size).any(-1)
+    if bad.any():
+      logging.warning(
+        "%d of %d completions hold token ids >= the task vocabulary (%d) and are dropped; set "
+        "model.vocab_size to the tokenizer's size to avoid them.",
+        int(bad.sum()),
+        bad.size,
+        vocab_size,
+      )
+      t = np.where(bad[..., None], 0, t)
+  return t
 
 
 def unique_mask(candidates_BxMxL, mask_BxM) -> np.ndarray:
@@ -140,8 +176,14 @@ def unique_mask(candidates_BxMxL, mask_BxM) -> np.ndarray:
 
 
 def write_chunks(
-  out_dir: str, num_items: int, *, chunk_size: int, batch_size: int,
-  make_rows: Callable[[list[int]], list[dict[str, Any]]], desc: str, progress: bool = True,
+  out_dir: str,
+  num_items: int,
+  *,
+  chunk_size: int,
+  batch_size: int,
+  make_rows: Callable[[list[int]], list[dict[str, Any]]],
+  desc: str,
+  progress: bool = True,
 ) -> str:
   """Writes ``make_rows(batch_indices)`` for ``range(num_items)`` into ``chunk-*.jsonl`` files,
   skipping chunks that already exist (resume) and writing each one atomically."""
@@ -153,8 +195,13 @@ def write_chunks(
   if progress and jax.process_index() == 0:
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(mine) * chunk_size, initial=(len(mine) - len(todo)) * chunk_size,
-               desc=desc, unit="prompt", dynamic_ncols=True)
+    bar = tqdm(
+      total=len(mine) * chunk_size,
+      initial=(len(mine) - len(todo)) * chunk_size,
+      desc=desc,
+      unit="prompt",
+      dynamic_ncols=True,
+    )
   for ci in todo:
     lo, hi = ci * chunk_size, min((ci + 1) * chunk_size, num_items)
     rows = []
@@ -195,11 +242,18 @@ def flatten_pairs(rows) -> list[dict[str, Any]]:
   out = []
   for r in rows:
     for p in r["pairs"]:
-      out.append(dict(
-        index=r["index"], source=r.get("source"), prompt=r["prompt"],
-        target=r.get("target") or p["chosen"], chosen=p["chosen"], rejected=p["rejected"],
-        ref_chosen_logp=p.get("ref_chosen_logp"), ref_rejected_logp=p.get("ref_rejected_logp"),
-      ))
+      out.append(
+        dict(
+          index=r["index"],
+          source=r.get("source"),
+          prompt=r["prompt"],
+          target=r.get("target") or p["chosen"],
+          chosen=p["chosen"],
+          rejected=p["rejected"],
+          ref_chosen_logp=p.get("ref_chosen_logp"),
+          ref_rejected_logp=p.get("ref_rejected_logp"),
+        )
+      )
   return out
 
 
@@ -207,21 +261,32 @@ def read_text_pairs(path: str, data) -> list[dict[str, Any]]:
   """``{"prompt", "chosen", "rejected"}`` text JSON lines, tokenized with the task's tokenizer
   (completions end with EOS). Reference log-probs are absent (computed later, once)."""
   from slicjax.data.builders import jsonl_preference
-  from slicjax.data.pipeline import tokenize_example
+  from slicjax.data.pipeline import TruncationStats, tokenize_example
 
   if data.tokenizer is None:
-    raise ValueError(f"{path} holds text pairs but task {data.name!r} has no tokenizer; use a "
-                     "text task (data.name) or give token-id pairs as a pair directory.")
+    raise ValueError(
+      f"{path} holds text pairs but task {data.name!r} has no tokenizer; use a "
+      "text task (data.name) or give token-id pairs as a pair directory."
+    )
   _, records = jsonl_preference.read_preference_jsonl(path, format="pairs")
+  stats = TruncationStats(2 * len(records), what="pair completions")  # logs the cut count
+  opts = dict(input_len=data.input_len, target_len=data.target_len, stats=stats)
   out = []
   for i, r in enumerate(records):
-    w = tokenize_example({"input": r["prompt"], "target": r["chosen"]}, data.tokenizer,
-                         input_len=data.input_len, target_len=data.target_len)
-    lose = tokenize_example({"input": r["prompt"], "target": r["rejected"]}, data.tokenizer,
-                            input_len=data.input_len, target_len=data.target_len)
-    out.append(dict(index=i, source="direct", prompt=w["inputs"].tolist(),
-                    chosen=w["targets"].tolist(), rejected=lose["targets"].tolist(),
-                    target=w["targets"].tolist(), ref_chosen_logp=None, ref_rejected_logp=None))
+    w = tokenize_example({"input": r["prompt"], "target": r["chosen"]}, data.tokenizer, **opts)
+    lose = tokenize_example({"input": r["prompt"], "target": r["rejected"]}, data.tokenizer, **opts)
+    out.append(
+      dict(
+        index=i,
+        source="direct",
+        prompt=w["inputs"].tolist(),
+        chosen=w["targets"].tolist(),
+        rejected=lose["targets"].tolist(),
+        target=w["targets"].tolist(),
+        ref_chosen_logp=None,
+        ref_rejected_logp=None,
+      )
+    )
   return out
 
 
@@ -232,11 +297,15 @@ def read_pairs(path: str, data=None) -> list[dict[str, Any]]:
   elif os.path.isfile(path):
     pairs = read_text_pairs(path, data)
   else:
-    raise ValueError(f"pairs path {path!r} does not exist; give a pair directory written by "
-                     "rso_sample or a {prompt, chosen, rejected} .jsonl file.")
+    raise ValueError(
+      f"pairs path {path!r} does not exist; give a pair directory written by "
+      "rso_sample or a {prompt, chosen, rejected} .jsonl file."
+    )
   if not pairs:
-    raise ValueError(f"{path} holds no preference pairs (every prompt tied or had < 2 unique "
-                     "samples); sample more or lower the temperature of the reward.")
+    raise ValueError(
+      f"{path} holds no preference pairs (every prompt tied or had < 2 unique "
+      "samples); sample more or lower the temperature of the reward."
+    )
   return pairs
 
 
@@ -249,12 +318,18 @@ def pairs_to_arrays(pairs, input_len: int, target_len: int) -> dict[str, np.ndar
   for key in ("chosen", "rejected", "target"):
     out[key] = np.zeros((n, target_len), np.int32)
   for i, p in enumerate(pairs):
-    for key, width in (("prompt", input_len), ("chosen", target_len), ("rejected", target_len),
-                       ("target", target_len)):
+    for key, width in (
+      ("prompt", input_len),
+      ("chosen", target_len),
+      ("rejected", target_len),
+      ("target", target_len),
+    ):
       seq = p[key]
       if len(seq) > width:
-        raise ValueError(f"pair {i} ({key}) has {len(seq)} tokens, over the padded length "
-                         f"{width}; raise data.input_len / data.target_len.")
+        raise ValueError(
+          f"pair {i} ({key}) has {len(seq)} tokens, over the padded length "
+          f"{width}; raise data.input_len / data.target_len."
+        )
       out["inputs" if key == "prompt" else key][i, : len(seq)] = seq
   out["index"] = np.asarray([p["index"] for p in pairs], np.int32)
   if all(p.get("ref_chosen_logp") is not None for p in pairs):
@@ -273,8 +348,7 @@ def acceptance_summary(rows) -> dict[str, float]:
     pairs=int(sum(len(r["pairs"]) for r in rows)),
     pairs_per_prompt=float(np.mean([len(r["pairs"]) for r in rows])),
     expected_acceptance=float(np.mean(exp)) if exp else float("nan"),
-    accepted_fraction=float(np.mean([r["num_accepted"] / max(r["num_samples"], 1)
-                                     for r in rows])),
+    accepted_fraction=float(np.mean([r["num_accepted"] / max(r["num_samples"], 1) for r in rows])),
     unique_fraction=float(np.mean([r["num_unique"] / max(r["num_accepted"], 1) for r in rows])),
     ties=int(sum(r.get("num_ties") or 0 for r in rows)),
   )
@@ -287,11 +361,19 @@ def acceptance_summary(rows) -> dict[str, float]:
 def sample_completions(c, model, params, data, inputs_BxS, example_ids, num_samples: int):
   """``[B, N, L]`` cleaned samples (``L = data.target_len``) from the policy."""
   res = decoding_api.decode(
-    model, params, jnp.asarray(inputs_BxS), method="sample", max_len=c["max_len"] or data.target_len,
-    rng=jax.random.PRNGKey(c["seed"]), example_ids=jnp.asarray(example_ids, jnp.int32),
-    num_samples=num_samples, temperature=c["temperature"], top_k=c["top_k"], top_p=c["top_p"],
+    model,
+    params,
+    jnp.asarray(inputs_BxS),
+    method="sample",
+    max_len=c["max_len"] or data.target_len,
+    rng=jax.random.PRNGKey(c["seed"]),
+    example_ids=jnp.asarray(example_ids, jnp.int32),
+    num_samples=num_samples,
+    temperature=c["temperature"],
+    top_k=c["top_k"],
+    top_p=c["top_p"],
   )
-  return clean_completions(res.tokens_BxKxL, data.target_len)
+  return clean_completions(res.tokens_BxKxL, data.target_len, data.vocab_size)
 
 
 def _ids(a) -> list[int]:
@@ -318,11 +400,18 @@ def make_pair_rows(c, model, params, data, examples, idx, reward) -> list[dict[s
   expected = None
   if c["mode"] == "rso":
     accepted, _ = rejection_sampling.rso_sample(
-      k_rs, jnp.asarray(rewards), jnp.asarray(valid), num_accept=m, beta=float(c["beta"]),
+      k_rs,
+      jnp.asarray(rewards),
+      jnp.asarray(valid),
+      num_accept=m,
+      beta=float(c["beta"]),
       max_rounds=int(c["max_rounds"]) or None,
     )
-    expected = np.asarray(rejection_sampling.expected_acceptance_rate(
-      jnp.asarray(rewards), jnp.asarray(valid), beta=float(c["beta"])))
+    expected = np.asarray(
+      rejection_sampling.expected_acceptance_rate(
+        jnp.asarray(rewards), jnp.asarray(valid), beta=float(c["beta"])
+      )
+    )
     accepted = np.asarray(accepted)
   else:
     accepted = np.where(valid[:, :m], np.arange(m)[None, :], -1)
@@ -347,25 +436,39 @@ def make_pair_rows(c, model, params, data, examples, idx, reward) -> list[dict[s
     for w, lose in zip(chosen[j], rejected[j]):
       if w < 0:
         continue
-      pairs.append(dict(
-        chosen=_ids(acc_cands[j, w]), rejected=_ids(acc_cands[j, lose]),
-        chosen_text=data.detokenize(acc_cands[j, w]),
-        rejected_text=data.detokenize(acc_cands[j, lose]),
-        chosen_reward=float(acc_rewards[j, w]), rejected_reward=float(acc_rewards[j, lose]),
-        ref_chosen_logp=float(ref[j, w]), ref_rejected_logp=float(ref[j, lose]),
-      ))
-    rows.append(dict(
-      index=i, source=SOURCES[c["mode"]], prompt=_ids(inputs[j]), target=_ids(targets[j]),
-      prompt_text=data.detokenize(inputs[j]), target_text=data.detokenize(targets[j]),
-      num_samples=n, num_valid=int(valid[j].sum()), num_accepted=int(acc_mask[j].sum()),
-      num_unique=int(uniq[j].sum()),
-      expected_acceptance=None if expected is None else float(expected[j]),
-      accepted_rewards=[float(x) for x in acc_rewards[j][acc_mask[j]]],
-      # A tournament among u distinct samples plays u - 1 deciding matches; the rest tied.
-      num_ties=(max(int(uniq[j].sum()) - 1, 0) - len(pairs)
-                if c["ranking"] == "tournament" else None),
-      pairs=pairs,
-    ))
+      pairs.append(
+        dict(
+          chosen=_ids(acc_cands[j, w]),
+          rejected=_ids(acc_cands[j, lose]),
+          chosen_text=data.detokenize(acc_cands[j, w]),
+          rejected_text=data.detokenize(acc_cands[j, lose]),
+          chosen_reward=float(acc_rewards[j, w]),
+          rejected_reward=float(acc_rewards[j, lose]),
+          ref_chosen_logp=float(ref[j, w]),
+          ref_rejected_logp=float(ref[j, lose]),
+        )
+      )
+    rows.append(
+      dict(
+        index=i,
+        source=SOURCES[c["mode"]],
+        prompt=_ids(inputs[j]),
+        target=_ids(targets[j]),
+        prompt_text=data.detokenize(inputs[j]),
+        target_text=data.detokenize(targets[j]),
+        num_samples=n,
+        num_valid=int(valid[j].sum()),
+        num_accepted=int(acc_mask[j].sum()),
+        num_unique=int(uniq[j].sum()),
+        expected_acceptance=None if expected is None else float(expected[j]),
+        accepted_rewards=[float(x) for x in acc_rewards[j][acc_mask[j]]],
+        # A tournament among u distinct samples plays u - 1 deciding matches; the rest tied.
+        num_ties=(
+          max(int(uniq[j].sum()) - 1, 0) - len(pairs) if c["ranking"] == "tournament" else None
+        ),
+        pairs=pairs,
+      )
+    )
   return rows
 
 
@@ -388,24 +491,45 @@ def rso_sample(config, out_dir: str, *, params=None, model=None, data=None, rewa
     params, _ = checkpoint.load_params(c["sft_workdir"])
   if c["reward"] == "model" and reward is None:
     if not c["reward_workdir"]:
-      raise ValueError("rso.reward=model needs rso.reward_workdir (a train_reward run) or use "
-                       "rso.reward=gold.")
+      raise ValueError(
+        "rso.reward=model needs rso.reward_workdir (a train_reward run) or use rso.reward=gold."
+      )
     from slicjax.pipelines import reward as reward_lib
 
     reward = reward_lib.load_reward(c["reward_workdir"], symmetric=c["symmetric"])
+  if c["split"] not in ("train", "validation"):
+    raise ValueError(f"rso.split={c['split']!r}; use 'train' or 'validation'.")
+  if c["max_len"] > data.target_len:
+    raise ValueError(
+      f"rso.max_len={c['max_len']} exceeds data.target_len={data.target_len}: samples would be "
+      "cut to fit the pairs; raise data.target_len or lower rso.max_len (0 = target_len)."
+    )
   examples = data.train_examples if c["split"] == "train" else data.eval_examples
   n = min(c["num_examples"], len(examples)) if c["num_examples"] else len(examples)
   if n == 0:
     raise ValueError(f"split {c['split']!r} is empty: no prompts to sample for.")
   write_chunks(
-    out_dir, n, chunk_size=c["chunk_size"], batch_size=c["batch_size"],
+    out_dir,
+    n,
+    chunk_size=c["chunk_size"],
+    batch_size=c["batch_size"],
     make_rows=lambda idx: make_pair_rows(c, model, params, data, examples, idx, reward),
-    desc=SOURCES[c["mode"]], progress=c["progress"],
+    desc=SOURCES[c["mode"]],
+    progress=c["progress"],
   )
   if jax.process_count() == 1:  # with several processes, others may still be writing chunks
     stats = acceptance_summary(read_rows(out_dir))
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
-      json.dump(dict(stats, mode=c["mode"], beta=c["beta"], num_samples=c["num_samples"],
-                     num_accept=c["num_accept"]), f, indent=2)
+      json.dump(
+        dict(
+          stats,
+          mode=c["mode"],
+          beta=c["beta"],
+          num_samples=c["num_samples"],
+          num_accept=c["num_accept"],
+        ),
+        f,
+        indent=2,
+      )
     logging.info("pairs in %s: %s", out_dir, stats)
   return out_dir

@@ -192,12 +192,18 @@ def token_embedding_similarity(
   )
 
 
-def _rouge_chunk(args):
-  """Worker: F-measures of one chunk of (candidate, reference) pairs, per ROUGE type."""
+@functools.lru_cache(maxsize=8)
+def _scorer(types: tuple[str, ...], use_stemmer: bool):
+  """One ``RougeScorer`` per (types, stemmer) per process (building one validates the names)."""
   from rouge_score import rouge_scorer
 
+  return rouge_scorer.RougeScorer(list(types), use_stemmer=use_stemmer)
+
+
+def _rouge_chunk(args):
+  """Worker: F-measures of one chunk of (candidate, reference) pairs, per ROUGE type."""
   types, use_stemmer, pairs = args
-  scorer = rouge_scorer.RougeScorer(list(types), use_stemmer=use_stemmer)
+  scorer = _scorer(types, bool(use_stemmer))
   out = np.zeros((len(types), len(pairs)), np.float64)
   for i, (cand, ref) in enumerate(pairs):
     scores = scorer.score(ref, cand)  # rouge-score's order is (target, prediction)
@@ -229,10 +235,8 @@ def rouge_scores(
   Returns:
     ``{type: F-measure}`` as float64 numpy arrays of shape ``[B]`` or ``[B, K]``.
   """
-  from rouge_score import rouge_scorer
-
   types = tuple(types)
-  rouge_scorer.RougeScorer(list(types), use_stemmer=use_stemmer)  # validates the type names
+  _scorer(types, bool(use_stemmer))  # validates the type names
   if num_workers < 1:
     raise ValueError(f"rouge_scores: num_workers must be >= 1, got {num_workers}.")
   references = list(references)

@@ -131,6 +131,10 @@ CASES = [
   ("unknown-demo-preset", lambda t: __import__(
     "slicjax.pipelines.demo", fromlist=["x"]).build_config("giant"), ValueError,
    r"unknown demo preset 'giant'"),
+  ("unknown-demo-loss", lambda t: __import__("slicjax.pipelines.demo", fromlist=["x"])
+   .calibration_losses(__import__("slicjax.pipelines.demo", fromlist=["x"]).build_config(
+     "smoke", {"calibrate_losses": "rank,listwise"})), ValueError,
+   r"unknown loss \['listwise'\]; choose from \('rank', 'margin', 'list_rank', 'expected_reward'\)"),
 ]
 
 

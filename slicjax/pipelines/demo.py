@@ -240,7 +240,7 @@ def _examples(ctx, n: int = 4):
 def summary_text(records, result) -> str:
   lines = ["Demo summary", "------------"]
   for r in records:
-    lines.append(f"{r['stage']:<28} {r['status']:<10} {r['seconds']:>7.1f}s")
+    lines.append(f"{r['stage']:<36} {r['status']:<10} {r['seconds']:>7.1f}s")
   if result:
     for name in sorted({r["model"] for r in result["grid"]}):
       best = max((r for r in result["grid"] if r["model"] == name), key=lambda r: r["rougeL"])

@@ -94,3 +94,11 @@ def test_calibration_lowers_loss_and_raises_rank_correlation(family, tmp_path):
   assert {r["beam"] for r in res["grid"]} == {1, 2}
   for f in ("eval.md", "eval.json", "quality_vs_beam.png"):
     assert os.path.getsize(tmp_path / "eval" / f) > 0
+
+
+def test_demo_calibration_losses_parse_in_order():
+  from slicjax.pipelines import demo
+
+  assert demo.calibration_losses(demo.build_config("smoke")) == ("rank",)
+  cfg = demo.build_config("smoke", {"calibrate_losses": "margin, list_rank,expected_reward"})
+  assert demo.calibration_losses(cfg) == ("margin", "list_rank", "expected_reward")

@@ -15,6 +15,7 @@ with 0, targets ending in EOS; optionally packed (``*_segment_ids``, ``*_positio
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Any, Callable
 
@@ -26,8 +27,8 @@ PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
 
 
 @dataclasses.dataclass(frozen=True)
-class SeqModel:
-  """Base adapter. Subclasses implement ``target_logits`` and ``decode_state``."""
+class SeqModel(abc.ABC):
+  """Base adapter. Subclasses implement ``init_fn``, ``target_logits`` and ``decode_state``."""
 
   module: nn.Module
   max_len: int  # the module's maximum total sequence length
@@ -35,19 +36,19 @@ class SeqModel:
   family: str = "transformer"
 
   # --- parameters ---------------------------------------------------------------------------
+  @abc.abstractmethod
   def init_fn(self, batch_size: int = 1, input_len: int = 8, target_len: int = 8):
     """``rng -> boxed variables``: the function to ``jax.eval_shape`` / jit for sharded init."""
-    raise NotImplementedError
 
   def init(self, rng, **kw):
     return nn.unbox(self.init_fn(**kw)(rng))["params"]
 
   # --- teacher forcing ------------------------------------------------------------------------
+  @abc.abstractmethod
   def target_logits(
     self, params, batch, *, return_hidden=False, deterministic=True, rngs=None
   ) -> tuple[jax.Array, jax.Array | None]:
     """Logits predicting each target token, ``[B, L, V]`` (and decoder states ``[B, L, D]``)."""
-    raise NotImplementedError
 
   def candidate_logits(
     self, params, inputs_BxS, candidates_BxKxL, *, return_hidden=False, deterministic=True,
@@ -66,9 +67,9 @@ class SeqModel:
     return logits, hidden
 
   # --- decoding -------------------------------------------------------------------------------
+  @abc.abstractmethod
   def decode_state(self, params, inputs_BxS, max_len: int) -> tuple[Callable, jax.Array, Any]:
     """``(tokens_to_logits, init_tokens_B, cache)`` for the algorithms in ``slicjax.decoding``."""
-    raise NotImplementedError
 
   def _empty_cache(self, call, batch: int):
     """A zero cache for ``batch`` rows, built from shapes only (no parameter init compute)."""

@@ -62,7 +62,7 @@ def bench(size: str, batch: int, seq: int, steps: int, dtype: str) -> dict:
   return dict(
     size=size, params_m=round(n_params / 1e6, 1), batch=batch, seq=2 * seq + 1, dtype=dtype,
     step_s=round(dt, 4), tokens_per_s=round(tokens / dt, 1), compile_s=round(compile_s, 1),
-    mfu=round(flops / dt / peak, 4) if peak else None, device=jax.devices()[0].device_kind,
+    achieved_tflops=round(flops / dt / 1e12, 4), mfu=round(flops / dt / peak, 4) if peak else None, device=jax.devices()[0].device_kind,
     n_devices=jax.device_count(),
   )
 

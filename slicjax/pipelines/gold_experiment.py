@@ -195,22 +195,7 @@ def gold_pairs(cfg, out_dir, *, model, human_params, sft_params, data):
     for j, i in enumerate(idx):
       w, lose = (0, 1) if first_wins[j] else (1, 0)
       same = np.array_equal(cands[j, 0], cands[j, 1]) or not cands[j].any(-1).all()
-      pairs = (
-        []
-        if same
-        else [
-          dict(
-            chosen=rso._ids(cands[j, w]),
-            rejected=rso._ids(cands[j, lose]),
-            chosen_text=data.detokenize(cands[j, w]),
-            rejected_text=data.detokenize(cands[j, lose]),
-            chosen_reward=float(gold[j, w]),
-            rejected_reward=float(gold[j, lose]),
-            ref_chosen_logp=float(ref[j, w]),
-            ref_rejected_logp=float(ref[j, lose]),
-          )
-        ]
-      )
+      pairs = [] if same else [rso.pair_record(data, cands[j], gold[j], ref[j], w, lose)]
       rows.append(
         dict(
           index=i,

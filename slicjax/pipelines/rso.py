@@ -380,6 +380,21 @@ def _ids(a) -> list[int]:
   return cand_lib._ids(a)
 
 
+def pair_record(data, cands_KxL, rewards_K, ref_logp_K, chosen: int, rejected: int) -> dict:
+  """One labeled pair as stored in a pair directory: ids, texts, rewards and the reference
+  policy's log-likelihoods of candidates ``chosen`` and ``rejected`` of one prompt."""
+  return dict(
+    chosen=_ids(cands_KxL[chosen]),
+    rejected=_ids(cands_KxL[rejected]),
+    chosen_text=data.detokenize(cands_KxL[chosen]),
+    rejected_text=data.detokenize(cands_KxL[rejected]),
+    chosen_reward=float(rewards_K[chosen]),
+    rejected_reward=float(rewards_K[rejected]),
+    ref_chosen_logp=float(ref_logp_K[chosen]),
+    ref_rejected_logp=float(ref_logp_K[rejected]),
+  )
+
+
 def _pad_indices(idx, batch_size):
   return idx + [idx[-1]] * (batch_size - len(idx))
 
@@ -436,18 +451,7 @@ def make_pair_rows(c, model, params, data, examples, idx, reward) -> list[dict[s
     for w, lose in zip(chosen[j], rejected[j]):
       if w < 0:
         continue
-      pairs.append(
-        dict(
-          chosen=_ids(acc_cands[j, w]),
-          rejected=_ids(acc_cands[j, lose]),
-          chosen_text=data.detokenize(acc_cands[j, w]),
-          rejected_text=data.detokenize(acc_cands[j, lose]),
-          chosen_reward=float(acc_rewards[j, w]),
-          rejected_reward=float(acc_rewards[j, lose]),
-          ref_chosen_logp=float(ref[j, w]),
-          ref_rejected_logp=float(ref[j, lose]),
-        )
-      )
+      pairs.append(pair_record(data, acc_cands[j], acc_rewards[j], ref[j], w, lose))
     rows.append(
       dict(
         index=i,

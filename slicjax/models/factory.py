@@ -4,11 +4,21 @@
 is 0, else encoder-decoder), ``ssm`` (``models/ssm.py``) or ``diffusion``
 (``models/diffusion.py``, a bidirectional transformer backbone). Every other key is a field of
 that family's config dataclass; unknown keys raise.
+
+``ssm`` takes ``num_encoder_layers`` too: 0 (default) builds the decoder-only
+:class:`~slicjax.models.ssm.SSMLM` (keys: :class:`~slicjax.models.ssm.SSMConfig` and ``max_len``);
+``> 0`` builds :class:`~slicjax.models.ssm_encdec.SSMEncoderDecoder`, a transformer encoder with
+an SSM decoder (keys: :class:`~slicjax.models.ssm_encdec.SSMEncDecConfig`, i.e. the SSMConfig keys
+plus ``num_heads``, ``num_kv_heads``, ``head_dim``, ``d_ff``, ``encoder_position``,
+``encoder_mlp``, ``relative_buckets``, ``relative_max_distance``, ``max_len``,
+``decoder_start_id``). With a ``preset``, ``num_layers`` becomes the SSM ``n_layers`` and the
+preset's attention sizes size the encoder (they are dropped for the decoder-only model).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any
 
 from slicjax.models import seq_model
@@ -64,18 +74,49 @@ def build_model(config) -> seq_model.SeqModel:
       )
     return seq_model.PrefixLM(TransformerLM(cfg), cfg.max_len, cfg.vocab_size, "transformer")
   if family == "ssm":
-    from slicjax.models import ssm
-
-    if preset is not None:  # presets are written for transformers: translate their sizes
-      for k in ("num_heads", "num_kv_heads", "head_dim", "d_ff"):
-        d.pop(k, None)
-      if "num_layers" in d:
-        d.setdefault("n_layers", d.pop("num_layers"))
-    max_len = d.pop("max_len", 1 << 30)
-    cfg = _dataclass_from(ssm.SSMConfig, d, "ssm")
-    return seq_model.PrefixLM(ssm.SSMLM(cfg), max_len, cfg.vocab_size, "ssm")
+    return _build_ssm(d, preset)
   if family == "diffusion":
     from slicjax.models import diffusion_seq
 
     return diffusion_seq.build(d)
   raise ValueError(f"unknown model family {family!r}; choose from {FAMILIES}.")
+
+
+def _build_ssm(d: dict[str, Any], preset) -> seq_model.SeqModel:
+  """``family="ssm"``: decoder-only :class:`~slicjax.models.ssm.SSMLM` (a prefix LM), or with
+  ``num_encoder_layers > 0`` the :class:`~slicjax.models.ssm_encdec.SSMEncoderDecoder`."""
+  from slicjax.models import ssm, ssm_encdec
+
+  n_enc = d.pop("num_encoder_layers", 0)
+  if isinstance(n_enc, bool) or not isinstance(n_enc, numbers.Integral) or n_enc < 0:
+    raise ValueError(
+      f"num_encoder_layers={n_enc!r} must be an int >= 0 (0: decoder-only SSM LM; > 0: SSM "
+      f"decoder with a transformer encoder)."
+    )
+  if preset is not None and "num_layers" in d:  # presets are written for transformers
+    d.setdefault("n_layers", d.pop("num_layers"))
+  n_enc = int(n_enc)
+  if n_enc > 0:  # a preset's attention sizes (num_heads, head_dim, d_ff) size the encoder
+    cfg = _dataclass_from(
+      ssm_encdec.SSMEncDecConfig, {**d, "num_encoder_layers": n_enc}, "ssm encoder-decoder"
+    )
+    return seq_model.EncoderDecoder(
+      ssm_encdec.SSMEncoderDecoder(cfg), cfg.max_len, cfg.vocab_size, "ssm",
+      decoder_start_id=cfg.decoder_start_id,
+    )
+  if preset is not None:  # the preset's attention sizes have no decoder-only SSM meaning
+    for k in ("num_heads", "num_kv_heads", "head_dim", "d_ff"):
+      d.pop(k, None)
+  max_len = d.pop("max_len", 1 << 30)
+  enc_only = sorted(
+    {f.name for f in dataclasses.fields(ssm_encdec.SSMEncDecConfig)}
+    - {f.name for f in dataclasses.fields(ssm.SSMConfig)} - {"max_len"}
+  )
+  misplaced = sorted(set(d) & set(enc_only))
+  if misplaced:
+    raise ValueError(
+      f"ssm config key(s) {misplaced} only apply to the SSM encoder-decoder; set "
+      f"num_encoder_layers > 0 to build one, or remove them for the decoder-only SSM LM."
+    )
+  cfg = _dataclass_from(ssm.SSMConfig, d, "ssm")
+  return seq_model.PrefixLM(ssm.SSMLM(cfg), max_len, cfg.vocab_size, "ssm")

@@ -20,6 +20,9 @@ Each residual block (pre-RMSNorm) is Mamba-shaped: ``x -> in_proj`` and ``x -> g
 ``D -> E = expand * D``), a short causal depthwise convolution and SiLU on the first branch, the
 SSM (``config.variant``), multiplication by ``SiLU(gate)``, ``out_proj`` back to ``D``.
 Logits are float32.
+
+The same blocks form the decoder of the encoder-decoder in ``models/ssm_encdec.py``
+(``factory.build_model`` with ``family="ssm"`` and ``num_encoder_layers > 0``).
 """
 
 from __future__ import annotations
@@ -42,7 +45,9 @@ _MLP_AXES = ("activation_batch", "activation_length", "activation_mlp")
 
 @dataclasses.dataclass(frozen=True)
 class SSMConfig:
-  """Hyperparameters of :class:`SSMLM`.
+  """Hyperparameters of :class:`SSMLM` (and of the decoder of ``ssm_encdec.SSMEncoderDecoder``,
+  whose :class:`~slicjax.models.ssm_encdec.SSMEncDecConfig` extends this class with the encoder
+  keys; ``factory.build_model`` picks it for ``family="ssm"`` with ``num_encoder_layers > 0``).
 
   Attributes:
     vocab_size: vocabulary size V.

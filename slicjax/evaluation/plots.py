@@ -9,9 +9,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def quality_vs_beam(rows, path: str, metric: str = "rougeL"):
-  """Quality vs beam size, one line per (model, length penalty); log2 x axis."""
-  fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+  """Quality vs beam size, one line per (model, length penalty); log2 x axis. A model keeps
+  one color; α = 0 is solid, α > 0 dashed. The legend sits outside the axes."""
+  fig, ax = plt.subplots(figsize=(7.6, 4.2), dpi=120)
   keys = sorted({(r["model"], r["alpha"]) for r in rows})
+  models = list(dict.fromkeys(k[0] for k in keys))
+  colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(models)}
   greedy = {r["model"]: r for r in rows if r["beam"] == 1}
   for model, alpha in keys:
     pts = sorted((r["beam"], r[metric]) for r in rows
@@ -19,14 +22,14 @@ def quality_vs_beam(rows, path: str, metric: str = "rougeL"):
     if model in greedy:
       pts = [(1, greedy[model][metric])] + pts
     style = "-" if alpha == 0 else "--"
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o",
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", color=colors[model],
             label=f"{model}, α={alpha:g}")
   ax.set_xscale("log", base=2)
   ax.set_xlabel("beam size")
   ax.set_ylabel(f"{metric} (F × 100)")
   ax.set_title("Quality vs beam size")
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)

@@ -2,7 +2,6 @@
 
 import io
 import os
-import time
 
 import numpy as np
 import pytest
@@ -88,12 +87,10 @@ def test_load_checks_special_ids_and_path(tmp_path, tok):
     tk.train_tokenizer(["", ""], cache_dir=str(tmp_path))
 
 
-def test_train_on_embedded_dataset_under_30s(tmp_path):
+def test_train_on_embedded_dataset(tmp_path):
+  # Its speed is a benchmark concern (BENCHMARKS.md: demo stage "dataset + tokenizer").
   splits, _ = sd.extract_stdlib()
-  start = time.perf_counter()
   tok = tk.train_on_records(splits["train"], vocab_size=2000, cache_dir=str(tmp_path))
-  elapsed = time.perf_counter() - start
-  assert elapsed < 30, elapsed
   assert tok.vocab_size == 2000
   val = splits["validation"][:50]
   assert all(tok.decode(tok.encode(r["input"])) == r["input"] for r in val)

@@ -244,7 +244,7 @@ class SSMEncoderDecoder(nn.Module):
   ):
     del positions_BxL  # order is carried by the recurrence
     _check_tokens(tokens_BxL, segment_ids_BxL, "decoder tokens")
-    b, length = tokens_BxL.shape
+    b = tokens_BxL.shape[0]
     if encoded_BxSxD.shape[0] != b or encoder_segment_ids_BxS.shape != encoded_BxSxD.shape[:2]:
       raise ValueError(
         f"encoded {encoded_BxSxD.shape} and encoder_segment_ids {encoder_segment_ids_BxS.shape} "
@@ -252,14 +252,8 @@ class SSMEncoderDecoder(nn.Module):
       )
     if decode:
       segment_ids_BxL = None  # each row is one continuing sequence
-      cross_mask = jnp.broadcast_to(
-        (encoder_segment_ids_BxS != 0)[:, None, :], (b, length, encoder_segment_ids_BxS.shape[1])
-      )
-    else:
-      q_seg = segment_ids_BxL
-      if q_seg is None:
-        q_seg = jnp.ones(tokens_BxL.shape, jnp.int32)
-      cross_mask = transformer._segment_mask(q_seg, encoder_segment_ids_BxS)
+    q_seg = jnp.ones(tokens_BxL.shape, jnp.int32) if segment_ids_BxL is None else segment_ids_BxL
+    cross_mask = transformer.cross_attention_mask(q_seg, encoder_segment_ids_BxS, decode=decode)
     logits, h = self.decoder(
       tokens_BxL, segment_ids_BxL, encoded_BxSxD, cross_mask, decode=decode,
       deterministic=deterministic,

@@ -142,6 +142,17 @@ def _segment_mask(q_seg_BxQ, k_seg_BxK):
   return (q_seg_BxQ[:, :, None] == k_seg_BxK[:, None, :]) & (k_seg_BxK[:, None, :] != 0)
 
 
+def cross_attention_mask(decoder_segment_ids_BxL, encoder_segment_ids_BxS, *, decode: bool):
+  """``[B, L, S]`` cross-attention mask. Training: decoder segment k reads encoder segment k
+  (packing) and never padding; decoding (one continuing sequence per row): every non-padding
+  encoder position."""
+  if decode:
+    b, length = decoder_segment_ids_BxL.shape
+    return jnp.broadcast_to((encoder_segment_ids_BxS != 0)[:, None, :],
+                            (b, length, encoder_segment_ids_BxS.shape[1]))
+  return _segment_mask(decoder_segment_ids_BxL, encoder_segment_ids_BxS)
+
+
 class Stack(nn.Module):
   """A stack of blocks with its position handling and final norm (encoder or decoder)."""
 
@@ -301,13 +312,7 @@ class EncoderDecoderTransformer(nn.Module):
       segment_ids_BxL = jnp.ones(tokens_BxL.shape, jnp.int32)
     if positions_BxL is None:
       positions_BxL = _default_positions(segment_ids_BxL)
-    if decode:
-      cross_mask = jnp.broadcast_to(
-        (encoder_segment_ids_BxS != 0)[:, None, :],
-        (tokens_BxL.shape[0], tokens_BxL.shape[1], encoder_segment_ids_BxS.shape[1]),
-      )
-    else:
-      cross_mask = _segment_mask(segment_ids_BxL, encoder_segment_ids_BxS)
+    cross_mask = cross_attention_mask(segment_ids_BxL, encoder_segment_ids_BxS, decode=decode)
     h = self.decoder(
       tokens_BxL, positions_BxL, segment_ids_BxL, encoded_BxSxD, cross_mask, decode=decode,
       deterministic=deterministic,

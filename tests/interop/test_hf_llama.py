@@ -40,8 +40,18 @@ VARIANTS = {
   ),
   "llama_tied": (transformers.LlamaConfig, dict(num_key_value_heads=4, tie_word_embeddings=True)),
   "qwen2_bias": (transformers.Qwen2Config, dict(num_key_value_heads=2, tie_word_embeddings=False)),
+  # The sliding window is longer than every sequence here, as import requires.
+  "mistral_gqa": (
+    transformers.MistralConfig,
+    dict(num_key_value_heads=2, tie_word_embeddings=False, sliding_window=256,
+         max_position_embeddings=256),
+  ),
 }
-ARCH = {"LlamaConfig": transformers.LlamaForCausalLM, "Qwen2Config": transformers.Qwen2ForCausalLM}
+ARCH = {
+  "LlamaConfig": transformers.LlamaForCausalLM,
+  "Qwen2Config": transformers.Qwen2ForCausalLM,
+  "MistralConfig": transformers.MistralForCausalLM,
+}
 
 
 def _randomize(model, seed):

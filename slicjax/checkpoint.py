@@ -146,6 +146,9 @@ def load_params(directory: str, step: int | None = None, *, item: str = "params"
     step: the step to load; ``None`` takes the newest readable one.
     item: ``params`` or ``ref_params``.
 
+  Returns:
+    ``(params, step)``: the parameter tree and the step it was read from.
+
   Raises:
     CheckpointError: when there is no readable checkpoint, naming the directory.
   """

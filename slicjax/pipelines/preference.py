@@ -119,14 +119,19 @@ def preference_loss_fn(model, c: dict[str, Any]):
   def loss_fn(params, batch, rng, state):
     cands = [batch["chosen"], batch["rejected"]] + ([batch["target"]] if with_target else [])
     cands_BxKxL = jnp.stack(cands, axis=1)
+    # Diffusion models score by a Monte Carlo ELBO keyed by "diffusion": a fresh key every step,
+    # and the same key (same masks and times) for the on-the-fly reference, so the
+    # policy-minus-reference difference has low variance. Other families ignore it.
+    k_drop, k_elbo = jax.random.split(rng)
     pol = scoring.score_candidates(
-      model, params, batch["inputs"], cands_BxKxL, deterministic=False, rngs={"dropout": rng}
+      model, params, batch["inputs"], cands_BxKxL, deterministic=False,
+      rngs={"dropout": k_drop, "diffusion": k_elbo},
     )
     pw, pl = pol["logp"][:, 0], pol["logp"][:, 1]
     if on_the_fly:
-      ref = scoring.score_candidates(model, state.ref_params, batch["inputs"], cands_BxKxL[:, :2])[
-        "logp"
-      ]
+      ref = scoring.score_candidates(
+        model, state.ref_params, batch["inputs"], cands_BxKxL, rngs={"diffusion": k_elbo}
+      )["logp"]
       rw, rl = jax.lax.stop_gradient(ref[:, 0]), jax.lax.stop_gradient(ref[:, 1])
     else:
       rw, rl = batch["ref_chosen_logp"], batch["ref_rejected_logp"]
@@ -308,6 +313,12 @@ def train_preference(
     if not c["sft_workdir"]:
       raise ValueError("preference.sft_workdir is empty: point it at the SFT (MLE) workdir.")
     params, _ = checkpoint.load_params(c["sft_workdir"])
+  if model.family == "diffusion" and c["ref_logp"] == "stored":
+    logging.warning(
+      "diffusion policy with stored reference log-probs: the stored ELBO estimates used other "
+      "masks than each step's policy estimate, so their difference is noisier; "
+      "preference.ref_logp='on_the_fly' shares the masks (at the cost of a resident reference)."
+    )
   pairs = load_pairs(config, c, model=model, params=params, data=data, pairs=pairs)
   arrays = rso.pairs_to_arrays(pairs, data.input_len, data.target_len)
   arrays = fill_ref_logps(model, params, arrays, c["batch_size"])

@@ -257,3 +257,25 @@ def test_clean_completions_cuts_after_eos_and_drops_out_of_vocabulary():
   got = rso.clean_completions(tokens, 4, vocab_size=VOCAB)
   np.testing.assert_array_equal(got, [[[5, 6, 1, 0], [0, 0, 0, 0], [4, 4, 4, 4]]])
   np.testing.assert_array_equal(rso.clean_completions(tokens[:, :1, :2], 3), [[[5, 6, 0]]])
+
+
+def test_dpo_runs_on_a_diffusion_policy_with_only_the_model_config_changed(rso_dir, tmp_path):
+  # The same pairs (token ids) and the same train_preference call; only model.family differs.
+  # Log-likelihoods are ELBO estimates with masks shared between policy and reference.
+  model_cfg = dict(MODEL, family="diffusion")
+  c = _config(
+    model=model_cfg,
+    preference=dict(loss="sigmoid_norm", pair_source="rso-sample-rank", pairs=rso_dir,
+                    ref_logp="on_the_fly"),
+  )
+  data = tasks.load(c, batch_size=8)
+  model = build_model(model_cfg)
+  assert model.family == "diffusion"
+  params = nn.unbox(jax.jit(model.init_fn(input_len=S, target_len=L))(jax.random.PRNGKey(0)))
+  _, summary = preference.train_preference(
+    c, str(tmp_path), params=params["params"], model=model, data=data
+  )
+  before, after = summary["before"], summary["after"]
+  assert summary["num_pairs"] >= 24
+  assert after["dpo_loss"] < before["dpo_loss"] - 0.02, summary
+  assert after["accuracy"] > before["accuracy"], summary

@@ -264,12 +264,9 @@ class SSMEncoderDecoder(nn.Module):
     self, inputs_BxS, decoder_tokens_BxL, inputs_segment_ids=None, inputs_positions=None,
     decoder_segment_ids=None, decoder_positions=None, deterministic=True, return_hidden=False,
   ):
-    if inputs_segment_ids is None:
-      inputs_segment_ids = (inputs_BxS != 0).astype(jnp.int32)
-    encoded = self.encode(inputs_BxS, inputs_segment_ids, inputs_positions, deterministic)
-    return self.decode(
-      encoded, inputs_segment_ids, decoder_tokens_BxL, decoder_positions, decoder_segment_ids,
-      decode=False, deterministic=deterministic, return_hidden=return_hidden,
+    return transformer.encode_then_decode(
+      self, inputs_BxS, decoder_tokens_BxL, inputs_segment_ids, inputs_positions,
+      decoder_segment_ids, decoder_positions, deterministic, return_hidden,
     )
 
 

@@ -278,6 +278,21 @@ class TransformerLM(nn.Module):
     return (logits, h) if return_hidden else logits
 
 
+def encode_then_decode(
+  module, inputs_BxS, decoder_tokens_BxL, inputs_segment_ids, inputs_positions,
+  decoder_segment_ids, decoder_positions, deterministic, return_hidden,
+):
+  """The teacher-forced ``__call__`` shared by every encoder-decoder with the
+  ``encode`` / ``decode`` contract of :class:`EncoderDecoderTransformer`."""
+  if inputs_segment_ids is None:
+    inputs_segment_ids = (inputs_BxS != 0).astype(jnp.int32)
+  encoded = module.encode(inputs_BxS, inputs_segment_ids, inputs_positions, deterministic)
+  return module.decode(
+    encoded, inputs_segment_ids, decoder_tokens_BxL, decoder_positions, decoder_segment_ids,
+    decode=False, deterministic=deterministic, return_hidden=return_hidden,
+  )
+
+
 class EncoderDecoderTransformer(nn.Module):
   """T5-style encoder-decoder with shared token embeddings."""
 
@@ -324,10 +339,7 @@ class EncoderDecoderTransformer(nn.Module):
     self, inputs_BxS, decoder_tokens_BxL, inputs_segment_ids=None, inputs_positions=None,
     decoder_segment_ids=None, decoder_positions=None, deterministic=True, return_hidden=False,
   ):
-    if inputs_segment_ids is None:
-      inputs_segment_ids = (inputs_BxS != 0).astype(jnp.int32)
-    encoded = self.encode(inputs_BxS, inputs_segment_ids, inputs_positions, deterministic)
-    return self.decode(
-      encoded, inputs_segment_ids, decoder_tokens_BxL, decoder_positions, decoder_segment_ids,
-      decode=False, deterministic=deterministic, return_hidden=return_hidden,
+    return encode_then_decode(
+      self, inputs_BxS, decoder_tokens_BxL, inputs_segment_ids, inputs_positions,
+      decoder_segment_ids, decoder_positions, deterministic, return_hidden,
     )

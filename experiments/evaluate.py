@@ -7,7 +7,7 @@
 from absl import app, flags
 from ml_collections import config_flags
 
-from slicjax import checkpoint, distributed
+from slicjax import distributed
 from slicjax.pipelines import common, evaluate, tasks
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/slic.py", "Job config.")
@@ -27,7 +27,7 @@ def main(argv):
     if "=" not in item:
       raise app.UsageError(f"--model_workdirs expects name=workdir, got {item!r}.")
     name, wd = item.split("=", 1)
-    models[name], _ = checkpoint.load_params(wd)
+    models[name] = common.params_from(config, wd, "--model_workdirs")
   data = tasks.load(config, batch_size=config.evaluate.batch_size)
   out = common.prepare_workdir(_WORKDIR.value, config)
   result = evaluate.run(models, common.model_from(config), data, config, out)

@@ -4,7 +4,7 @@
 import ml_collections
 
 from slicjax import optim
-from slicjax.pipelines import mle, tasks
+from slicjax.pipelines import common, mle, tasks
 
 
 def get_config():
@@ -21,5 +21,9 @@ def get_config():
   c.train = ml_collections.ConfigDict({**mle.TRAIN_KEYS, **dict(
     steps=2000, batch_size=32, eval_every=500, checkpoint_every=500,
   )})
+  # Start from a pretrained checkpoint (a .gguf file, a Hugging Face directory or a workdir)
+  # instead of `model`: --config.pretrained.init_from=path; LoRA: --config.lora.rank=8.
+  c.pretrained = ml_collections.ConfigDict(dict(common.PRETRAINED_KEYS))
+  c.lora = ml_collections.ConfigDict(dict(common.LORA_KEYS))
   c.mesh_shape = (-1, 1, 1)
   return c

@@ -21,7 +21,7 @@ on top of the MLE config. Every key exists here, so any can be set on the comman
 import ml_collections
 
 from slicjax import optim
-from slicjax.pipelines import mle, preference, reward, rso, tasks
+from slicjax.pipelines import common, mle, preference, reward, rso, tasks
 
 
 def get_config():
@@ -56,6 +56,8 @@ def get_config():
     }
   )
   c.train = ml_collections.ConfigDict(dict(mle.TRAIN_KEYS))
+  c.pretrained = ml_collections.ConfigDict(dict(common.PRETRAINED_KEYS))
+  c.lora = ml_collections.ConfigDict(dict(common.LORA_KEYS))
   c.mesh_shape = (-1, 1, 1)
   c.reward_model = ml_collections.ConfigDict(c.model.to_dict())
   c.reward = ml_collections.ConfigDict(dict(reward.REWARD_KEYS))

@@ -132,6 +132,8 @@ def tokenize_example(
   if "inputs" in record and "targets" in record:
     inputs = np.asarray(record["inputs"], np.int32).reshape(-1)
     targets = np.asarray(record["targets"], np.int32).reshape(-1)
+    if stats is not None:
+      stats.record(epoch, len(inputs), len(targets), input_len, target_len)
   else:
     if tokenizer is None:
       raise ValueError(
@@ -144,10 +146,17 @@ def tokenize_example(
         f"record has no {missing} field (fields: {sorted(record)}); map the source to "
         "{'input', 'target'} first (see slicjax.data.sources)."
       )
-    inputs = np.asarray(tokenizer.encode(as_text(record["input"])), np.int32)
+    text = as_text(record["input"])
+    inputs = np.asarray(
+      tokenizer.encode_prompt(text) if hasattr(tokenizer, "encode_prompt")
+      else tokenizer.encode(text), np.int32,
+    )
     targets = np.asarray(tokenizer.encode(as_text(record["target"])) + [EOS_ID], np.int32)
-  if stats is not None:
-    stats.record(epoch, len(inputs), len(targets), input_len, target_len)
+    if stats is not None:
+      stats.record(epoch, len(inputs), len(targets), input_len, target_len)
+    if len(inputs) > input_len and truncate and hasattr(tokenizer, "encode_prompt"):
+      # A pretrained model's prompt format: cut the input text, not the template around it.
+      inputs = np.asarray(tokenizer.encode_prompt(text, max_tokens=input_len), np.int32)
   if len(inputs) > input_len or len(targets) > target_len:
     if not truncate:
       raise ValueError(

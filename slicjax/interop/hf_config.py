@@ -85,7 +85,8 @@ def config_from_hf(
   untied output head (T5 checkpoints that scale decoder outputs by ``d_model**-0.5``).
 
   Raises:
-    ValueError: for a config feature slicjax does not implement, naming the key.
+    ValueError: for a config feature slicjax does not implement, naming the key; for a Llama-family
+      ``max_len`` beyond ``max_position_embeddings`` (or a sliding window).
   """
   family, arch = family_of(hf)
   names = set(tensor_names)
@@ -108,6 +109,12 @@ def config_from_hf(
     d, h = _need(hf, "hidden_size", arch), _need(hf, "num_attention_heads", arch)
     head_dim = hf.get("head_dim") or d // h
     limit = int(hf.get("max_position_embeddings", 2048))
+    if max_len is not None and hf.get("max_position_embeddings") and max_len > limit:
+      raise ValueError(
+        f"{arch}: max_len={max_len} exceeds the model's context length "
+        f"(max_position_embeddings={limit}); positions beyond it were never trained. Pass "
+        f"max_len <= {limit}, or None for the full context."
+      )
     window = hf.get("sliding_window")
     if hf.get("model_type") == "qwen2" and not hf.get("use_sliding_window", False):
       window = None

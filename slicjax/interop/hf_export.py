@@ -4,9 +4,12 @@ Decoder-only models become ``LlamaForCausalLM`` (``Qwen2ForCausalLM`` when the c
 ``qkv_bias``), encoder-decoders ``T5ForConditionalGeneration``; ``transformers`` loads the result
 with ``AutoModelForCausalLM`` / ``T5ForConditionalGeneration.from_pretrained``.
 
-Exported special ids follow slicjax's conventions (pad 0, eos 1, bos 2). A decoder-only model
-trained by slicjax as a prefix LM expects prompts laid out as ``inputs + [BOS]``, so prompt it the
-same way in ``transformers``.
+A model that started from a pretrained checkpoint (``load_pretrained``; ``pretrained.init_from``
+in a job) is exported in that checkpoint's own vocabulary order and special ids, with its
+``tokenizer.json`` and chat template, so ``AutoTokenizer`` + ``AutoModelForCausalLM`` load it and
+prompts are formatted as during training. A model trained from scratch by slicjax keeps slicjax's
+conventions (pad 0, eos 1, bos 2); as a prefix LM it expects prompts laid out as
+``inputs + [BOS]``, so prompt it the same way in ``transformers``.
 """
 
 from __future__ import annotations
@@ -109,6 +112,55 @@ def hf_state_dict(
   return hf_cfg, tensors
 
 
+def _special_ids(tokenizer) -> dict[str, int]:
+  """config.json special ids in the model's own vocabulary."""
+  hf = getattr(tokenizer, "hf", tokenizer)
+  out = {}
+  for name in ("pad", "eos", "bos"):
+    tid = getattr(hf, f"{name}_id", None)
+    if tid is not None:
+      out[f"{name}_token_id"] = int(tid)
+  return out
+
+
+def write_tokenizer(tokenizer, out_dir: str) -> None:
+  """Writes ``tokenizer.json`` + ``tokenizer_config.json`` (or the SentencePiece model).
+
+  Raises:
+    ValueError: for a tokenizer object slicjax cannot save.
+  """
+  from slicjax.interop.pretrained import _token_text
+
+  hf = getattr(tokenizer, "hf", tokenizer)
+  backend = getattr(hf, "_backend", None)
+  kind = getattr(hf, "kind", None)
+  tok_cfg: dict[str, Any] = {"model_max_length": 1 << 30, "clean_up_tokenization_spaces": False}
+  if kind == "tokenizers":
+    backend.save(os.path.join(out_dir, "tokenizer.json"))
+    tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+  elif kind == "sentencepiece":
+    import shutil
+
+    shutil.copyfile(hf.path, os.path.join(out_dir, "tokenizer.model"))
+    tok_cfg["tokenizer_class"] = "LlamaTokenizer"
+  else:
+    raise ValueError(
+      f"cannot save a {type(tokenizer).__name__}; export writes Hugging Face tokenizers "
+      "(tokenizer.json) or SentencePiece models."
+    )
+  for name in ("bos", "eos", "pad", "unk"):
+    tid = getattr(hf, f"{name}_id", None)
+    if tid is not None:
+      tok_cfg[f"{name}_token"] = _token_text(hf, tid)
+  tok_cfg["add_bos_token"] = bool(getattr(tokenizer, "add_bos", False))
+  tok_cfg["add_eos_token"] = False
+  template = getattr(tokenizer, "chat_template", None) or getattr(hf, "chat_template", None)
+  if template:
+    tok_cfg["chat_template"] = template
+  with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+    json.dump(tok_cfg, f, indent=2)
+
+
 def _shards(tensors: dict[str, np.ndarray], max_shard_bytes: int | None):
   names = sorted(tensors)
   if not max_shard_bytes:
@@ -133,6 +185,7 @@ def export_hf_checkpoint(
   *,
   dtype: str | None = None,
   max_shard_bytes: int | None = None,
+  tokenizer=None,
 ) -> str:
   """Writes ``config.json``, ``generation_config.json`` and safetensors weights to ``out_dir``.
 
@@ -144,6 +197,10 @@ def export_hf_checkpoint(
       ``param_dtype``.
     max_shard_bytes: split the weights into ``model-0000i-of-0000n.safetensors`` files of at
       most this size plus ``model.safetensors.index.json``; ``None`` writes one file.
+    tokenizer: the model's :class:`~slicjax.interop.pretrained.PretrainedTokenizer` (what
+      ``load_pretrained`` returns): the vocabulary goes back to the model's own id order, the
+      config gets its special ids, and ``tokenizer.json`` / ``tokenizer_config.json`` (with the
+      chat template) are written so ``AutoTokenizer`` loads the directory.
 
   Returns:
     ``out_dir``.
@@ -154,10 +211,16 @@ def export_hf_checkpoint(
   """
   from safetensors.numpy import save_file
 
+  if tokenizer is not None and hasattr(tokenizer, "vocab_map"):
+    params = tokenizer.vocab_map.unpermute_params(nn.unbox(params))
   hf_cfg, tensors = hf_state_dict(model_or_config, params, dtype=dtype)
+  if tokenizer is not None:
+    hf_cfg = {**hf_cfg, **_special_ids(tokenizer)}
   if jax.process_index() != 0:
     return out_dir
   os.makedirs(out_dir, exist_ok=True)
+  if tokenizer is not None:
+    write_tokenizer(tokenizer, out_dir)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(hf_cfg, f, indent=2)
   gen = {
@@ -189,6 +252,8 @@ def export_hf_checkpoint(
     total = int(sum(t.nbytes for t in tensors.values()))
     with open(os.path.join(out_dir, hf_import.INDEX_FILE), "w") as f:
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  for fn in os.listdir(out_dir):  # readable by everyone, like save_pretrained's output
+    os.chmod(os.path.join(out_dir, fn), 0o644)
   logging.info(
     "exported %s (%d tensors, %d file(s)) to %s",
     hf_cfg["architectures"][0],
@@ -209,7 +274,6 @@ def export_from_workdir(workdir: str, out_dir: str, *, step: int | None = None, 
     FileNotFoundError: no ``config.json`` in ``workdir``.
     slicjax.checkpoint.CheckpointError: no readable checkpoint.
   """
-  from slicjax import checkpoint
 
   cfg_path = os.path.join(workdir, "config.json")
   if not os.path.isfile(cfg_path):
@@ -221,6 +285,15 @@ def export_from_workdir(workdir: str, out_dir: str, *, step: int | None = None, 
     job = json.load(f)
   if "model" not in job:
     raise ValueError(f"{cfg_path} has no 'model' section; it was not written by a slicjax job.")
-  params, used = checkpoint.load_params(workdir, step)
+  if (job.get("pretrained") or {}).get("init_from"):  # tokenizer and vocabulary order too
+    from slicjax.interop import pretrained
+
+    model, _, tok = pretrained.load_pretrained(workdir)
+    params, used = pretrained.workdir_params(workdir, job, step)
+    logging.info("exporting step %d of %s", used, workdir)
+    return export_hf_checkpoint(model, params, out_dir, dtype=dtype, tokenizer=tok)
+  from slicjax.interop import pretrained
+
+  params, used = pretrained.workdir_params(workdir, job, step)
   logging.info("exporting step %d of %s", used, workdir)
   return export_hf_checkpoint(job["model"], params, out_dir, dtype=dtype)

@@ -126,15 +126,20 @@ class SafetensorsSource:
   def dtype(self, name: str) -> str:
     return self._slice(name).get_dtype()
 
-  def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
-    """A block of tensor ``name`` as a numpy array in the file's dtype."""
+  def check_dtype(self, name: str):
+    """Raises ``ValueError`` unless tensor ``name`` has a dtype slicjax can read."""
     dt = self.dtype(name)
     if dt not in SUPPORTED_DTYPES:
       raise ValueError(
-        f"tensor {name} has dtype {dt}; slicjax loads float checkpoints ({SUPPORTED_DTYPES}) "
-        "only. Dequantize it first (e.g. load with transformers and save_pretrained in "
-        "float32 or bfloat16)."
+        f"tensor {name} has dtype {dt}; slicjax loads float checkpoints "
+        f"({', '.join(SUPPORTED_DTYPES)}) only. Dequantize it first (load with transformers and "
+        "save_pretrained in float32 or bfloat16)."
       )
+
+  def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+    """A block of tensor ``name`` as a numpy array in the file's dtype."""
+    self.check_dtype(name)
+    dt = self.dtype(name)
     if dt == "BF16":  # numpy has no bfloat16: read through jax on the host CPU
       with jax.default_device(jax.local_devices(backend="cpu")[0]):
         return np.asarray(self._slice(name, "flax")[index])
@@ -194,7 +199,8 @@ def load_hf_checkpoint(
     dtype: the compute dtype (``float32``, ``bfloat16``, ``float16``).
     param_dtype: the parameters' dtype; defaults to ``dtype``.
     max_len: the model's maximum sequence length (also the size of decoding caches); defaults
-      to ``max_position_embeddings`` (capped by a sliding window) or T5's ``n_positions``/512.
+      to ``max_position_embeddings`` (capped by a sliding window) or T5's ``n_positions``/512;
+      a Llama-family ``max_len`` beyond either is an error.
     rules: the logical-to-mesh rules table.
 
   Returns:
@@ -213,6 +219,51 @@ def load_hf_checkpoint(
     )
   config_json = _read_config(path)
   source = SafetensorsSource(path)
+  return load_from_source(
+    config_json,
+    source,
+    path,
+    mesh=mesh,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    max_len=max_len,
+    rules=rules,
+  )
+
+
+def load_from_source(
+  config_json: dict[str, Any],
+  source,
+  path: str,
+  *,
+  mesh: jax.sharding.Mesh | None = None,
+  dtype: str = "float32",
+  param_dtype: str | None = None,
+  max_len: int | None = None,
+  rules=sharding.DEFAULT_RULES,
+  config_name: str = "config.json",
+) -> tuple[SeqModel, dict]:
+  """Builds the model a config.json dict describes and reads its parameters from ``source``.
+
+  The body shared by :func:`load_hf_checkpoint` and GGUF import.
+
+  Args:
+    config_json: a Hugging Face config.json dict.
+    source: the tensors, in Hugging Face naming and layout: an object with ``names()``,
+      ``shape(name)``, ``dtype(name)``, ``check_dtype(name)`` (raises ``ValueError`` for a dtype
+      it cannot read) and ``read(name, index)`` (a block as a numpy array), like
+      :class:`SafetensorsSource`.
+    path: the checkpoint's path, for messages.
+    mesh, dtype, param_dtype, max_len, rules: as in :func:`load_hf_checkpoint`.
+    config_name: what ``config_json`` came from, for messages.
+
+  Returns:
+    ``(model, params)`` as :func:`load_hf_checkpoint` returns them.
+
+  Raises:
+    ValueError: unsupported architecture or config feature, missing or unexpected tensors,
+      shape mismatches, unsupported dtypes; each names the tensor and the fix.
+  """
   names = source.names()
   family, cfg, head_scale, model = build_from_hf_config(
     config_json, names, max_len=max_len, dtype=dtype, param_dtype=param_dtype
@@ -225,40 +276,35 @@ def load_hf_checkpoint(
   if missing:
     raise ValueError(
       f"checkpoint {path} lacks tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''} "
-      f"that its config.json ({family} family, {cfg.num_layers} layers) requires; the files "
-      "are incomplete or config.json belongs to another model."
+      f"that its {config_name} ({family} family, {cfg.num_layers} layers) requires; the files "
+      f"are incomplete or {config_name} belongs to another model."
     )
   tied = cfg.tie_embeddings
   extra = sorted(n for n in names - wanted if not mappings.ignorable(family, n, tied))
   if extra:
     raise ValueError(
       f"checkpoint {path} has unexpected tensor(s) {extra[:8]}{' ...' if len(extra) > 8 else ''} "
-      f"that a {family} model of this config.json does not use; check that config.json matches "
-      "the weights (layer counts, architecture) and merge any adapters (e.g. LoRA) first."
+      f"that a {family} model of this {config_name} does not use; check that {config_name} "
+      "matches the weights (layer counts, architecture) and merge any adapters (e.g. LoRA) first."
     )
   ignored = sorted(n for n in names - wanted)
   if ignored:
     log = logging.warning if "lm_head.weight" in ignored else logging.info
     log(
-      "ignoring checkpoint tensors not used by slicjax: %s (config.json ties the output head "
+      "ignoring checkpoint tensors not used by slicjax: %s (%s ties the output head "
       "to the embedding, so lm_head.weight, if listed, is not read)",
       ignored,
+      config_name,
     )
   for m in maps:
     expect = m.hf_shape(flat[m.path].shape)
     got = source.shape(m.hf_name)
     if got != expect:
       raise ValueError(
-        f"tensor {m.hf_name} has shape {list(got)} but config.json implies {list(expect)} "
-        f"(slicjax parameter {'/'.join(m.path)}); config.json does not match the weights."
+        f"tensor {m.hf_name} has shape {list(got)} but {config_name} implies {list(expect)} "
+        f"(slicjax parameter {'/'.join(m.path)}); {config_name} does not match the weights."
       )
-    dt = source.dtype(m.hf_name)
-    if dt not in SUPPORTED_DTYPES:
-      raise ValueError(
-        f"tensor {m.hf_name} has dtype {dt}; slicjax loads float checkpoints "
-        f"({', '.join(SUPPORTED_DTYPES)}) only. Dequantize it first (load with transformers and "
-        "save_pretrained in float32 or bfloat16)."
-      )
+    source.check_dtype(m.hf_name)
 
   pdt = layers.dtype_of(param_dtype or dtype)
   shardings = None

@@ -37,12 +37,22 @@ class HFTokenizer:
   Attributes:
     pad_id, eos_id, bos_id, unk_id: special ids (``None`` when the tokenizer has none).
     kind: ``"tokenizers"`` or ``"sentencepiece"``.
+    chat_template: the checkpoint's Jinja chat template, or ``None`` when it has none.
   """
 
-  def __init__(self, backend, kind: str, specials: dict[str, int | None], path: str):
+  def __init__(
+    self,
+    backend,
+    kind: str,
+    specials: dict[str, int | None],
+    path: str,
+    *,
+    chat_template: str | None = None,
+  ):
     self._backend = backend
     self.kind = kind
     self.path = path
+    self.chat_template = chat_template
     self.pad_id = specials.get("pad")
     self.eos_id = specials.get("eos")
     self.bos_id = specials.get("bos")
@@ -119,12 +129,26 @@ def _specials_from_config(directory: str, lookup) -> dict[str, int | None]:
   return out
 
 
+def _chat_template(directory: str) -> str | None:
+  """``chat_template.jinja``, else tokenizer_config.json's ``chat_template`` (the default one)."""
+  jinja = os.path.join(directory, "chat_template.jinja")
+  if os.path.isfile(jinja):
+    with open(jinja) as f:
+      return f.read()
+  template = _read_json(os.path.join(directory, "tokenizer_config.json")).get("chat_template")
+  if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}, ...]
+    named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+    template = named.get("default")
+  return template if isinstance(template, str) else None
+
+
 def load_hf_tokenizer(path: str) -> HFTokenizer:
   """Loads the tokenizer of a Hugging Face checkpoint directory (or one tokenizer file).
 
   ``tokenizer.json`` is preferred; otherwise ``spiece.model`` (T5) or ``tokenizer.model``
   (SentencePiece Llama). Special tokens come from ``tokenizer_config.json`` /
-  ``special_tokens_map.json`` / ``config.json``, falling back to the SentencePiece model's own.
+  ``special_tokens_map.json`` / ``config.json``, falling back to the SentencePiece model's own;
+  the chat template from ``chat_template.jinja`` or tokenizer_config.json's ``chat_template``.
 
   Raises:
     FileNotFoundError: when no tokenizer file is found, naming the files looked for.
@@ -152,7 +176,9 @@ def load_hf_tokenizer(path: str) -> HFTokenizer:
       ) from e
     backend = Tokenizer.from_file(fn)
     specials = _specials_from_config(directory, backend.token_to_id)
-    return HFTokenizer(backend, "tokenizers", specials, fn)
+    return HFTokenizer(
+      backend, "tokenizers", specials, fn, chat_template=_chat_template(directory)
+    )
   import sentencepiece as spm
 
   backend = spm.SentencePieceProcessor()
@@ -172,4 +198,6 @@ def load_hf_tokenizer(path: str) -> HFTokenizer:
   for name in SPECIALS:
     if specials[name] is None and own[name] >= 0:
       specials[name] = own[name]
-  return HFTokenizer(backend, "sentencepiece", specials, fn)
+  return HFTokenizer(
+    backend, "sentencepiece", specials, fn, chat_template=_chat_template(directory)
+  )

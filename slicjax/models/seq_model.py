@@ -4,7 +4,9 @@ Losses consume log-likelihoods and decoding consumes a ``tokens_to_logits`` step
 turns a Flax module into both. Two shapes:
 
 * :class:`PrefixLM` wraps a decoder-only LM (transformer or SSM). A seq2seq example becomes one
-  sequence ``inputs + [BOS] + targets``; only target positions are scored.
+  sequence ``inputs + [BOS] + targets`` (models trained here), or ``inputs + targets`` with
+  ``separator_id=None`` (pretrained models, whose prompt already ends the way the model was
+  trained, e.g. with its chat template's assistant header); only target positions are scored.
 * :class:`EncoderDecoder` wraps :class:`~slicjax.models.transformer.EncoderDecoderTransformer`;
   the decoder reads ``[decoder_start] + targets[:-1]`` and the encoder runs once per input (also
   when scoring K candidates per input).
@@ -91,7 +93,19 @@ def _check_len(total: int, max_len: int, what: str):
 
 @dataclasses.dataclass(frozen=True)
 class PrefixLM(SeqModel):
-  """Decoder-only model used for seq2seq: ``inputs + [BOS] + targets`` as one sequence."""
+  """Decoder-only model used for seq2seq: ``inputs + [sep] + targets`` as one sequence.
+
+  ``separator_id`` is the token placed between a prompt and its target (``BOS_ID`` for models
+  trained by slicjax). ``None`` inserts nothing: the first target token is predicted from the
+  last prompt token, which is how a pretrained LM continues text. Then every prompt must hold
+  at least one token.
+  """
+
+  separator_id: int | None = BOS_ID
+
+  @property
+  def _sep(self) -> int:
+    return 0 if self.separator_id is None else 1
 
   def init_fn(self, batch_size: int = 1, input_len: int = 8, target_len: int = 8):
     tokens = jnp.zeros((batch_size, input_len + 1 + target_len), jnp.int32)
@@ -100,20 +114,25 @@ class PrefixLM(SeqModel):
   def _layout(self, inputs_BxS, targets_BxL):
     b, s = inputs_BxS.shape
     length = targets_BxL.shape[1]
-    total = s + 1 + length
-    _check_len(total, self.max_len, f"a prefix-LM sequence (inputs {s} + 1 + targets {length})")
+    sep = self._sep
+    total = s + sep + length
+    _check_len(
+      total, self.max_len, f"a prefix-LM sequence (inputs {s} + {sep} + targets {length})"
+    )
     s_B = _lengths(inputs_BxS)
     l_B = _lengths(targets_BxL)
     j = jnp.arange(total)[None, :]
-    t_idx = jnp.clip(j - s_B[:, None] - 1, 0, length - 1)
+    t_idx = jnp.clip(j - s_B[:, None] - sep, 0, length - 1)
     from_inputs = jnp.take_along_axis(inputs_BxS, jnp.clip(j, 0, s - 1) + 0 * t_idx, axis=1)
     from_targets = jnp.take_along_axis(targets_BxL, t_idx, axis=1)
-    tokens = jnp.where(
-      j < s_B[:, None], from_inputs, jnp.where(j == s_B[:, None], BOS_ID, from_targets)
-    )
-    valid = j < (s_B + 1 + l_B)[:, None]
+    if sep:
+      from_targets = jnp.where(j == s_B[:, None], self.separator_id, from_targets)
+    tokens = jnp.where(j < s_B[:, None], from_inputs, from_targets)
+    valid = j < (s_B + sep + l_B)[:, None]
     tokens = jnp.where(valid, tokens, PAD_ID)
-    gather_BxL = s_B[:, None] + jnp.arange(length)[None, :]
+    # Logits at position p predict token p + 1: the first target is predicted from the
+    # separator (position s_B) or, without one, from the last prompt token (s_B - 1).
+    gather_BxL = jnp.clip(s_B[:, None] - 1 + sep + jnp.arange(length)[None, :], 0, total - 1)
     return tokens, valid.astype(jnp.int32), gather_BxL
 
   def target_logits(self, params, batch, *, return_hidden=False, deterministic=True, rngs=None):
@@ -135,7 +154,10 @@ class PrefixLM(SeqModel):
 
   def decode_state(self, params, inputs_BxS, max_len: int):
     b, s = inputs_BxS.shape
-    _check_len(s + 1 + max_len, self.max_len, f"decoding (inputs {s} + 1 + max_len {max_len})")
+    sep = self._sep
+    _check_len(
+      s + sep + max_len, self.max_len, f"decoding (inputs {s} + {sep} + max_len {max_len})"
+    )
     module = self.module
 
     def step(tokens_B, cache):
@@ -146,18 +168,24 @@ class PrefixLM(SeqModel):
 
     cache = self._empty_cache(lambda r, t: module.init(r, t, decode=True), b)
     # Prefill the (left-aligned) prompt one token at a time; rows whose prompt has ended keep
-    # their cache unchanged, so prompts of different lengths share one batch.
+    # their cache unchanged, so prompts of different lengths share one batch. Without a
+    # separator the last prompt token is not prefilled: it is the first token decoding feeds.
     s_B = _lengths(inputs_BxS)
+    n_B = s_B if sep else jnp.maximum(s_B - 1, 0)
 
     def prefill(cache, i):
       _, new = step(inputs_BxS[:, i], cache)
-      keep = i < s_B
+      keep = i < n_B
       return jax.tree.map(
         lambda n, o: jnp.where(keep.reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new, cache
       ), None
 
     cache, _ = jax.lax.scan(prefill, cache, jnp.arange(s))
-    return step, jnp.full((b,), BOS_ID, jnp.int32), cache
+    if sep:
+      first_B = jnp.full((b,), self.separator_id, jnp.int32)
+    else:
+      first_B = jnp.take_along_axis(inputs_BxS, n_B[:, None], axis=1)[:, 0]
+    return step, first_B, cache
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from slicjax import checkpoint, optim, scoring, training
+from slicjax import optim, scoring, training
 from slicjax.data import iterators
 from slicjax.losses import calibration, regularizers
 from slicjax.pipelines import candidates as cand_lib
@@ -104,9 +104,8 @@ def run(config, workdir: str, *, params=None, data=None, on_log=None):
   model = common.model_from(config)
   data = data or tasks.load(config, batch_size=c["batch_size"], seed=c["seed"])
   if params is None:
-    if not c["finetuned_workdir"]:
-      raise ValueError("calibrate.finetuned_workdir is empty: point it at the MLE run's workdir.")
-    params, _ = checkpoint.load_params(c["finetuned_workdir"])
+    params = common.params_from(config, c["finetuned_workdir"], "calibrate.finetuned_workdir")
+  model, params = common.maybe_lora(config, model, params, c["seed"])
   rows = cand_lib.read_candidates(c["candidates_dir"])
   arrays = cand_lib.to_arrays(rows, data.input_len, data.target_len)
   if c["regularizer"] == "kl_topk" and "ref_topk_logp" not in arrays:

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from slicjax import checkpoint, scoring, similarity
+from slicjax import scoring, similarity
 from slicjax.data import iterators
 from slicjax.decoding import api as decoding_api
 from slicjax.pipelines import common, tasks
@@ -110,9 +110,7 @@ def generate(config, out_dir: str, *, params=None, model=None, data=None) -> str
   model = model or common.model_from(config)
   data = data or tasks.load(config, batch_size=c["batch_size"], seed=c["seed"])
   if params is None:
-    if not c["finetuned_workdir"]:
-      raise ValueError("candidates.finetuned_workdir is empty: point it at the MLE run's workdir.")
-    params, step = checkpoint.load_params(c["finetuned_workdir"])
+    params = common.params_from(config, c["finetuned_workdir"], "candidates.finetuned_workdir")
   examples = data.train_examples if c["split"] == "train" else data.eval_examples
   n = min(c["num_examples"], len(examples)) if c["num_examples"] else len(examples)
   if n == 0:

@@ -45,8 +45,117 @@ def make_mesh(config) -> jax.sharding.Mesh:
   return sharding.make_mesh(shape)
 
 
+# ``config.pretrained``: start a job from a pretrained checkpoint (a .gguf file, a Hugging Face
+# directory or a slicjax workdir) instead of ``config.model``; see slicjax.interop.pretrained.
+PRETRAINED_KEYS = dict(
+  init_from="", prompt_format="chat", instruction="", system_prompt="",
+  raw_template="{instruction}{input}\n", max_len=0, dtype="float32",
+)
+# ``config.lora``: rank > 0 trains LoRA adapters on the kernels matching ``targets`` (a regex
+# over parameter paths) and freezes every base weight; see slicjax.peft.
+LORA_KEYS = dict(rank=0, alpha=16.0, targets="query|value")
+
+_PRETRAINED_CACHE: dict[tuple, tuple] = {}
+
+
+def pretrained_config(config) -> dict[str, Any]:
+  d = to_dict(config.get("pretrained"))
+  check_keys(d, PRETRAINED_KEYS, "pretrained")
+  return {**PRETRAINED_KEYS, **d}
+
+
+def lora_config(config) -> dict[str, Any]:
+  d = to_dict(config.get("lora"))
+  check_keys(d, LORA_KEYS, "lora")
+  return {**LORA_KEYS, **d}
+
+
+def pretrained(config):
+  """``(model, params, tokenizer)`` of ``config.pretrained.init_from``, or ``None`` when unset.
+
+  Loaded once per process and configuration (every stage of a pipeline asks for it). The
+  model's ``max_len`` is ``pretrained.max_len``, or else fits ``data.input_len +
+  data.target_len`` (decode caches are that long).
+  """
+  p = pretrained_config(config)
+  if not p["init_from"]:
+    return None
+  from slicjax.interop import pretrained as pretrained_lib
+  from slicjax.pipelines import tasks
+
+  d = tasks.data_config(config)
+  max_len = int(p["max_len"]) or pretrained_lib.auto_max_len(d["input_len"], d["target_len"])
+  key = (
+    os.path.abspath(p["init_from"]), max_len, p["dtype"], p["prompt_format"], p["instruction"],
+    p["system_prompt"], p["raw_template"],
+  )
+  if key not in _PRETRAINED_CACHE:
+    _PRETRAINED_CACHE.clear()  # one pretrained model resident at a time
+    _PRETRAINED_CACHE[key] = pretrained_lib.load_pretrained(
+      p["init_from"], max_len=max_len, dtype=p["dtype"], prompt_format=p["prompt_format"],
+      instruction=p["instruction"], system_prompt=p["system_prompt"],
+      raw_template=p["raw_template"],
+    )
+  return _PRETRAINED_CACHE[key]
+
+
 def model_from(config):
+  """The job's model: the pretrained one when ``pretrained.init_from`` is set, else
+  ``config.model`` (``build_model``)."""
+  pre = pretrained(config)
+  if pre is not None:
+    return pre[0]
   return build_model(to_dict(config.model))
+
+
+def maybe_lora(config, model, params, seed: int = 0):
+  """``(model, params)`` with fresh LoRA adapters when ``config.lora.rank > 0``, else as given.
+
+  Adapted params given here are merged first, so every training stage starts new adapters on
+  the weights it received. The optimizer freezes the base by itself (``slicjax.optim``).
+
+  Raises:
+    ValueError: LoRA asked for without weights to adapt.
+  """
+  lo = lora_config(config)
+  if not lo["rank"]:
+    return model, params
+  from slicjax import peft
+
+  if params is None:
+    raise ValueError(
+      "lora.rank > 0 adapts existing weights, but this job has none: set "
+      "pretrained.init_from (or the stage's workdir), or set lora.rank=0 to train from scratch."
+    )
+  model, params = peft.merge(model, params)
+  model, params = peft.add_lora(
+    model, params, rank=int(lo["rank"]), alpha=float(lo["alpha"]), targets=lo["targets"],
+    rng=jax.random.PRNGKey(seed + 17),
+  )
+  trainable, total = peft.count_params(params)
+  logging.info("LoRA rank %d on %r: %d trainable of %d parameters", lo["rank"], lo["targets"],
+               trainable, total)
+  return model, params
+
+
+def params_from(config, workdir: str, what: str):
+  """Parameters to start from: ``workdir``'s newest checkpoint (LoRA adapters merged) when
+  given, else the pretrained checkpoint's.
+
+  Raises:
+    ValueError: neither is set (``what`` names the config key to set).
+  """
+  if workdir:
+    from slicjax.interop import pretrained as pretrained_lib
+
+    return pretrained_lib.workdir_params(workdir)[0]
+  pre = pretrained(config)
+  if pre is not None:
+    return pre[1]
+  raise ValueError(
+    f"{what} is empty and pretrained.init_from is unset: point {what} at a training run's "
+    "workdir, or set pretrained.init_from to a .gguf file / Hugging Face directory."
+  )
 
 
 def prepare_workdir(workdir: str, config=None) -> str:

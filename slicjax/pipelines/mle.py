@@ -53,9 +53,12 @@ def run(config, workdir: str, *, on_log=None):
       f"model vocab_size {model.vocab_size} is smaller than the tokenizer's {data.vocab_size}; "
       f"set model.vocab_size >= {data.vocab_size}."
     )
+  pre = common.pretrained(config)
+  params = pre[1] if pre is not None else None  # fine-tune the pretrained weights
+  model, params = common.maybe_lora(config, model, params, t["seed"])
   tx, schedule = optim.make_optimizer(common.to_dict(config.get("optimizer")), t["steps"])
   state, state_sh = training.create_train_state(
-    model, tx, mesh, jax.random.PRNGKey(t["seed"]),
+    model, tx, mesh, jax.random.PRNGKey(t["seed"]), params=params,
     init_kwargs=dict(input_len=data.input_len, target_len=data.target_len),
   )
   loss_fn = training.mle_loss_fn(model, label_smoothing=t["label_smoothing"], z_loss=t["z_loss"])

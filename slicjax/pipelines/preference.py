@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from slicjax import checkpoint, optim, scoring, training
+from slicjax import optim, scoring, training
 from slicjax.data import iterators
 from slicjax.losses import preference as pref_losses
 from slicjax.pipelines import common, rso, tasks
@@ -310,9 +310,7 @@ def train_preference(
   model = model or common.model_from(config)
   data = data or tasks.load(config, batch_size=c["batch_size"], seed=c["seed"])
   if params is None:
-    if not c["sft_workdir"]:
-      raise ValueError("preference.sft_workdir is empty: point it at the SFT (MLE) workdir.")
-    params, _ = checkpoint.load_params(c["sft_workdir"])
+    params = common.params_from(config, c["sft_workdir"], "preference.sft_workdir")
   if model.family == "diffusion" and c["ref_logp"] == "stored":
     logging.warning(
       "diffusion policy with stored reference log-probs: the stored ELBO estimates used other "
@@ -324,6 +322,7 @@ def train_preference(
   arrays = fill_ref_logps(model, params, arrays, c["batch_size"])
   before = pair_report(model, params, arrays, c, c["batch_size"])
   mesh = common.make_mesh(config)
+  model, params = common.maybe_lora(config, model, params, c["seed"])
   state, state_sh, step = _state_and_step(model, c, config, mesh, params, data)
   keys = ["inputs", "chosen", "rejected", "target"]
   if c["ref_logp"] == "stored":

@@ -71,9 +71,26 @@ def reward_model_config(config) -> dict[str, Any]:
   return common.to_dict(rm) if rm else common.to_dict(config.model)
 
 
-def make_network(kind: str, model_cfg: dict[str, Any], data=None, fmt=None):
-  """The reward network of ``kind`` over ``build_model(model_cfg)``."""
-  backbone = build_model(model_cfg)
+def _backbone(model_cfg: dict[str, Any]):
+  """``build_model(model_cfg)``, or a pretrained checkpoint's model when ``model_cfg`` is
+  ``{"pretrained": <config.pretrained>, "max_len": n}`` (what a pretrained run records)."""
+  if "pretrained" in model_cfg:
+    from slicjax.interop import pretrained
+
+    p = model_cfg["pretrained"]
+    model, _, _ = pretrained.load_pretrained(
+      p["init_from"], max_len=model_cfg.get("max_len") or None, dtype=p.get("dtype"),
+      prompt_format=p.get("prompt_format", "chat"), instruction=p.get("instruction", ""),
+      system_prompt=p.get("system_prompt", ""),
+      raw_template=p.get("raw_template", "{instruction}{input}\n"),
+    )
+    return model
+  return build_model(model_cfg)
+
+
+def make_network(kind: str, model_cfg: dict[str, Any], data=None, fmt=None, backbone=None):
+  """The reward network of ``kind`` over ``backbone`` (default: built from ``model_cfg``)."""
+  backbone = backbone if backbone is not None else _backbone(model_cfg)
   if kind == "pointwise":
     return reward_models.RewardModel(backbone)
   if fmt is None:
@@ -280,7 +297,14 @@ def train_reward(config, workdir: str, *, data=None, pairs=None, init_params=Non
     pairs = rso.read_pairs(c["pairs"], data)
   train_pairs, held_pairs = split_pairs(pairs, c["eval_fraction"], c["seed"])
   model_cfg = reward_model_config(config)
-  net = make_network(c["kind"], model_cfg, data)
+  pre = common.pretrained(config)  # pretrained.init_from overrides reward_model / model
+  backbone = None
+  if pre is not None:  # the reward network's backbone is the pretrained model
+    backbone = pre[0]
+    model_cfg = dict(pretrained=common.pretrained_config(config), max_len=backbone.max_len)
+    if init_params is None and not c["init_from"]:
+      init_params = pre[1]
+  net = make_network(c["kind"], model_cfg, data, backbone=backbone)
   backbone = net.backbone if c["kind"] == "pointwise" else net.model
   if backbone.vocab_size < data.vocab_size:
     raise ValueError(
@@ -289,7 +313,7 @@ def train_reward(config, workdir: str, *, data=None, pairs=None, init_params=Non
     )
   input_len = _input_len(net, data)
   if init_params is None and c["init_from"]:
-    init_params, _ = checkpoint.load_params(c["init_from"])
+    init_params = common.params_from(config, c["init_from"], "reward.init_from")
   params = None
   rng = jax.random.PRNGKey(c["seed"])
   if init_params is not None:

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from slicjax import checkpoint, scoring, similarity
+from slicjax import scoring, similarity
 from slicjax.data import iterators
 from slicjax.decoding import api as decoding_api
 from slicjax.pipelines import candidates as cand_lib
@@ -490,9 +490,7 @@ def rso_sample(config, out_dir: str, *, params=None, model=None, data=None, rewa
   model = model or common.model_from(config)
   data = data or tasks.load(config, batch_size=c["batch_size"], seed=c["seed"])
   if params is None:
-    if not c["sft_workdir"]:
-      raise ValueError("rso.sft_workdir is empty: point it at the SFT (MLE) run's workdir.")
-    params, _ = checkpoint.load_params(c["sft_workdir"])
+    params = common.params_from(config, c["sft_workdir"], "rso.sft_workdir")
   if c["reward"] == "model" and reward is None:
     if not c["reward_workdir"]:
       raise ValueError(

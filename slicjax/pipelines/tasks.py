@@ -90,6 +90,12 @@ def load(config, *, batch_size: int, seed: int = 0, mesh=None) -> TaskData:
       )
   per_process = batch_size // jax.process_count()
   name = d["name"]
+  pre = common.pretrained(config)
+  if pre is not None and name == "reverse":
+    raise ValueError(
+      "data.name=reverse is a synthetic token-id task without text; a pretrained model "
+      "(pretrained.init_from) needs a text task: stdlib_docstrings, jsonl or tfds:<name>."
+    )
   if name == "reverse":
     n = d["num_train"] + d["num_eval"]
     ex = synthetic.reverse_task(
@@ -102,4 +108,6 @@ def load(config, *, batch_size: int, seed: int = 0, mesh=None) -> TaskData:
     )
   from slicjax.pipelines import text_tasks
 
-  return text_tasks.load_text_task(d, batch_size=per_process, seed=seed)
+  return text_tasks.load_text_task(
+    d, batch_size=per_process, seed=seed, tokenizer=pre[2] if pre is not None else None
+  )

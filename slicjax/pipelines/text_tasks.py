@@ -30,10 +30,11 @@ def _source_options(d: dict[str, Any]) -> dict[str, Any]:
   return opts
 
 
-def load_text_task(d: dict[str, Any], *, batch_size: int, seed: int) -> TaskData:
+def load_text_task(d: dict[str, Any], *, batch_size: int, seed: int, tokenizer=None) -> TaskData:
+  """A text task; ``tokenizer`` (a pretrained model's) replaces the task's SentencePiece model."""
   name = d["name"]
   opts = _source_options(d)
-  tok = sources.tokenizer_for_source(
+  tok = tokenizer or sources.tokenizer_for_source(
     name, tokenizer_path=d["tokenizer_path"] or None, vocab_size=d["vocab_size"],
     cache_dir=d["cache_dir"] or None, **opts,
   )

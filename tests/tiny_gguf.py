@@ -22,11 +22,11 @@ D, L, H, G, K, F = 32, 2, 4, 2, 8, 64
 
 
 def _train_bpe(vocab_size: int):
-  import tokenizers
-  from tokenizers import decoders, models, pre_tokenizers, trainers
-
   import json as json_mod
   import textwrap
+
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers, trainers
 
   texts = [inspect.getsource(m) for m in (json_mod, textwrap)]
   tok = tokenizers.Tokenizer(models.BPE())

@@ -143,15 +143,18 @@ class GGUFSource:
         f"{e}); download it again."
       ) from e
     self._tensors = {hf_tensor_name(t.name): t for t in self.reader.tensors}
-    self._perm_heads: dict[str, int] = {}
+    # query/key tensors whose rows llama.cpp permuted -> (metadata key, its value: head count)
+    self._perm_heads: dict[str, tuple[str, Any]] = {}
     if self.architecture in _PERMUTED_QK:
-      heads = self._metadata(f"{self.architecture}.attention.head_count")
-      kv_heads = self._metadata(f"{self.architecture}.attention.head_count_kv", heads)
+      key = f"{self.architecture}.attention.head_count"
+      heads = self._metadata(key)
+      kv_key = key + "_kv" if f"{key}_kv" in self.reader.fields else key
+      kv_heads = self._metadata(kv_key)
       for name in self._tensors:
         if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
-          self._perm_heads[name] = _uniform(heads, "attention.head_count", path)
+          self._perm_heads[name] = (key, heads)
         elif name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
-          self._perm_heads[name] = _uniform(kv_heads, "attention.head_count_kv", path)
+          self._perm_heads[name] = (kv_key, kv_heads)
     self._last: tuple[str, Any, np.ndarray] | None = None
 
   def _metadata(self, key: str, default: Any = None) -> Any:
@@ -189,7 +192,8 @@ class GGUFSource:
     """Block ``index`` (one slice per axis; ``None``: all) of tensor ``name`` as float32.
 
     Raises:
-      ValueError: for a tensor type the gguf library cannot dequantize.
+      ValueError: for a tensor type the gguf library cannot dequantize, or a Llama query/key
+        tensor whose head count the metadata lacks.
     """
     self.check_dtype(name)
     t = self._tensors[name]
@@ -197,9 +201,15 @@ class GGUFSource:
     index = tuple(index or ()) + (slice(None),) * (len(shape) - len(index or ()))
     rows = np.arange(shape[0])[index[0]]
     if name in self._perm_heads:
-      rows = _unpermute_rows(shape[0], self._perm_heads[name])[rows]
-    key = (name, rows.tobytes())
-    if self._last is not None and self._last[:2] == key:
+      key, heads = self._perm_heads[name]
+      if heads is None:
+        raise ValueError(
+          f"{self.path}: GGUF metadata lacks {key}, which is needed to undo llama.cpp's RoPE "
+          f"row order of {t.name}; the file is incomplete: convert the model again."
+        )
+      rows = _unpermute_rows(shape[0], _uniform(heads, key, self.path))[rows]
+    cache_key = (name, rows.tobytes())
+    if self._last is not None and self._last[:2] == cache_key:
       x = self._last[2]  # sharded loading reads the same rows for several column blocks
     else:
       raw = np.asarray(t.data)
@@ -209,7 +219,7 @@ class GGUFSource:
       else:
         x = _gguf().quants.dequantize(raw, t.tensor_type).reshape(shape)[rows]
       x = np.asarray(x, dtype=np.float32)
-      self._last = (*key, x)
+      self._last = (*cache_key, x)
     return np.ascontiguousarray(x[(slice(None),) + index[1:]])
 
 

@@ -176,9 +176,7 @@ def load_hf_tokenizer(path: str) -> HFTokenizer:
       ) from e
     backend = Tokenizer.from_file(fn)
     specials = _specials_from_config(directory, backend.token_to_id)
-    return HFTokenizer(
-      backend, "tokenizers", specials, fn, chat_template=_chat_template(directory)
-    )
+    return HFTokenizer(backend, "tokenizers", specials, fn, chat_template=_chat_template(directory))
   import sentencepiece as spm
 
   backend = spm.SentencePieceProcessor()

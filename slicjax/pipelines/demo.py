@@ -167,9 +167,8 @@ def run(workdir: str, preset: str = "default", overrides: dict[str, Any] | None 
   info = st.run("dataset + tokenizer", data_stage)
 
   def mle_stage():
-    from slicjax.pipelines import mle
-
     from slicjax import peft
+    from slicjax.pipelines import mle
 
     state, model, _ = mle.run(config, os.path.join(workdir, "mle"))
     # LoRA runs: fold the adapters in; later stages add their own.

@@ -8,8 +8,9 @@
 A GGUF file holds the architecture (metadata), the tokenizer (vocabulary, merges, special ids,
 chat template) and the tensors, possibly quantized. :class:`GGUFSource` presents the tensors in
 Hugging Face naming and layout as float32 numpy arrays, dequantized per tensor with the ``gguf``
-library itself, so the Hugging Face import path (:func:`~slicjax.interop.hf_import.load_from_source`)
-loads them unchanged. The model keeps the file's own token ids.
+library itself, so the Hugging Face import path
+(:func:`~slicjax.interop.hf_import.load_from_source`) loads them unchanged. The model keeps the
+file's own token ids.
 
 llama.cpp's converter reorders the rows of each query and key head for its interleaved RoPE;
 :class:`GGUFSource` undoes that, so the tensors equal the Hugging Face checkpoint's.

@@ -21,9 +21,13 @@ NEG_INF = -1e9  # finite so that fully-masked rows (padding queries) stay NaN-fr
 def dtype_of(name: str | Dtype) -> Dtype:
   if isinstance(name, str):
     try:
-      return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+      return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
+              "float64": jnp.float64}[name]
     except KeyError as e:
-      raise ValueError(f"unknown dtype {name!r}; use 'float32', 'bfloat16' or 'float16'.") from e
+      raise ValueError(
+        f"unknown dtype {name!r}; use 'float32', 'bfloat16', 'float16' (or 'float64' with "
+        "jax_enable_x64)."
+      ) from e
   return name
 
 

@@ -4,6 +4,7 @@ package ships; tokenizer, greedy decoding, sharded loading and bad inputs.
 """
 
 import importlib.util
+import json
 import os
 
 import jax
@@ -399,3 +400,48 @@ def test_hf_tokenizer_reads_the_chat_template(tmp_path):
   assert load_hf_tokenizer(str(tmp_path)).chat_template == template
   (tmp_path / "chat_template.jinja").write_text("{{ messages }}")
   assert load_hf_tokenizer(str(tmp_path)).chat_template == "{{ messages }}"
+
+
+_FLOAT64_CHECK = r"""
+import json, os, sys
+import jax
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp, numpy as np, torch, transformers
+from slicjax.interop.gguf_import import load_gguf_checkpoint
+path = sys.argv[1]
+directory, name = os.path.split(path)
+model, params = load_gguf_checkpoint(path, max_len=64, dtype="float64")
+tok = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name, local_files_only=True)
+out = {}
+for dt in ("float32", "float64"):
+  hf = transformers.AutoModelForCausalLM.from_pretrained(
+    directory, gguf_file=name, dtype=getattr(torch, dt), local_files_only=True)
+  diffs = []
+  for p in json.loads(sys.argv[2]):
+    ids = tok.encode(p, add_special_tokens=False)
+    ours = np.asarray(model.module.apply({"params": params}, jnp.array([ids])), np.float64)
+    with torch.no_grad():
+      theirs = hf(torch.tensor([ids])).logits.double().numpy()
+    diffs.append(float(np.abs(ours - theirs).max()))
+  out[dt] = max(diffs)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_smollm2_float64_logits_match_transformers_within_1e_4():
+  """With float64 arithmetic on slicjax's side (x64 needs its own process), the imported
+  SmolLM2's logits are within 1e-4 of transformers' float32 logits and within 5e-5 of its
+  float64 ones: the import is exact, the float32-vs-float32 gap above is rounding."""
+  import subprocess
+  import sys
+
+  path = _smollm2_path()
+  res = subprocess.run(
+    [sys.executable, "-c", _FLOAT64_CHECK, path, json.dumps(PROMPTS)], capture_output=True,
+    text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
+  assert res.returncode == 0, res.stderr[-3000:]
+  diffs = json.loads(res.stdout.strip().splitlines()[-1])
+  assert diffs["float32"] < 1e-4, diffs
+  assert diffs["float64"] < 5e-5, diffs

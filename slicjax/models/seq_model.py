@@ -83,6 +83,21 @@ def _lengths(tokens_BxL):
   return jnp.sum((tokens_BxL != PAD_ID).astype(jnp.int32), axis=-1)
 
 
+_POSITION_LEAVES = ("cache_index", "position")
+
+
+def _set_cache_position(cache, n_B):
+  """Sets every row's write position (KV ``cache_index``, stack ``position``) to ``n_B``."""
+
+  def fix(path, leaf):
+    name = getattr(path[-1], "key", None)
+    if name in _POSITION_LEAVES:
+      return jnp.broadcast_to(n_B, leaf.shape).astype(leaf.dtype)
+    return leaf
+
+  return jax.tree_util.tree_map_with_path(fix, cache)
+
+
 def _check_len(total: int, max_len: int, what: str):
   if total > max_len:
     raise ValueError(
@@ -102,6 +117,9 @@ class PrefixLM(SeqModel):
   """
 
   separator_id: int | None = BOS_ID
+  # Write the prompt's cache in one forward pass when the module can (transformers); False
+  # forces the one-token-at-a-time prefill every module supports.
+  parallel_prefill: bool = True
 
   @property
   def _sep(self) -> int:
@@ -180,7 +198,14 @@ class PrefixLM(SeqModel):
         lambda n, o: jnp.where(keep.reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new, cache
       ), None
 
-    cache, _ = jax.lax.scan(prefill, cache, jnp.arange(s))
+    if self.parallel_prefill and getattr(module, "parallel_prefill", False) and s > 0:
+      _, mut = module.apply(
+        {"params": params, "cache": cache}, inputs_BxS, method=type(module).prefill,
+        mutable=["cache"],
+      )
+      cache = _set_cache_position(mut["cache"], n_B)
+    else:
+      cache, _ = jax.lax.scan(prefill, cache, jnp.arange(s))
     if sep:
       first_B = jnp.full((b,), self.separator_id, jnp.int32)
     else:

@@ -277,6 +277,18 @@ class TransformerLM(nn.Module):
     logits = self.head(h, self.embed)
     return (logits, h) if return_hidden else logits
 
+  # Decoding adapters may write a whole prompt's KV cache with one call of ``prefill``.
+  parallel_prefill = True
+
+  def prefill(self, tokens_BxL):
+    """Writes the KV cache of ``tokens_BxL`` in one pass (decode mode), computing no logits.
+
+    Every row advances by ``L`` slots; a caller with ragged prompts resets each row's
+    ``position`` / ``cache_index`` to its own length afterwards (slots past it are masked until
+    decoding overwrites them)."""
+    seg = jnp.ones(tokens_BxL.shape, jnp.int32)
+    self.decoder(tokens_BxL, _default_positions(seg), seg, decode=True)
+
 
 def encode_then_decode(
   module, inputs_BxS, decoder_tokens_BxL, inputs_segment_ids, inputs_positions,

@@ -78,3 +78,30 @@ def test_decoding_length_check_counts_no_separator(model_and_params):
   decode(model, params, jnp.array(PROMPTS), method="greedy", max_len=29)
   with pytest.raises(ValueError, match="max_len"):
     decode(model, params, jnp.array(PROMPTS), method="greedy", max_len=30)
+
+
+@pytest.mark.parametrize("separator", [None, 2])
+def test_parallel_prefill_equals_sequential_prefill(model_and_params, separator):
+  model, params = model_and_params
+  par = dataclasses.replace(model, separator_id=separator, parallel_prefill=True)
+  seq = dataclasses.replace(model, separator_id=separator, parallel_prefill=False)
+  inputs = jnp.array(PROMPTS)
+  step_p, first_p, cache_p = par.decode_state(params, inputs, 8)
+  step_s, first_s, cache_s = seq.decode_state(params, inputs, 8)
+  np.testing.assert_array_equal(first_p, first_s)
+  # positions equal; the KV slots each row has filled are equal (later slots are masked)
+  n_B = np.array([3, 2, 1]) - (0 if separator else 1)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(cache_p), jax.tree.leaves(cache_s)):
+    a, b = np.asarray(a), np.asarray(b)
+    if a.ndim == 1:
+      np.testing.assert_array_equal(a, b, err_msg=str(path))
+    else:
+      for row, n in enumerate(n_B):
+        np.testing.assert_allclose(a[row, :n], b[row, :n], atol=1e-5, err_msg=str(path))
+  # the next steps' logits agree
+  tok_p, tok_s = first_p, first_s
+  for _ in range(4):
+    lp, cache_p = step_p(tok_p, cache_p)
+    ls, cache_s = step_s(tok_s, cache_s)
+    np.testing.assert_allclose(lp, ls, atol=1e-5)
+    tok_p = tok_s = jnp.argmax(lp, -1).astype(jnp.int32)

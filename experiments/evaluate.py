@@ -31,7 +31,8 @@ def main(argv):
   data = tasks.load(config, batch_size=config.evaluate.batch_size)
   out = common.prepare_workdir(_WORKDIR.value, config)
   result = evaluate.run(models, common.model_from(config), data, config, out)
-  print(evaluate.markdown_table(result["grid"], result["rank_correlation"]))
+  print(evaluate.markdown_table(result["grid"], result["rank_correlation"],
+                               result["paired_differences"]))
 
 
 if __name__ == "__main__":

@@ -171,3 +171,39 @@ def corpus_rouge(
       candidates, references, types=types, use_stemmer=use_stemmer, num_workers=num_workers
     )
   )
+
+
+def bootstrap_ci(
+  values: Sequence[float], *, num_resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+  """``(mean, low, high)``: the mean of ``values`` and its percentile bootstrap interval.
+
+  Examples are resampled with replacement ``num_resamples`` times; for a paired comparison pass
+  the per-example differences (see :func:`paired_bootstrap_ci`).
+
+  Raises:
+    ValueError: no values, or ``level`` outside (0, 1).
+  """
+  x = np.asarray(values, np.float64).reshape(-1)
+  if x.size == 0:
+    raise ValueError("bootstrap_ci: no values; evaluate at least one example.")
+  if not 0.0 < level < 1.0:
+    raise ValueError(f"bootstrap_ci: level must be in (0, 1), got {level}.")
+  rng = np.random.default_rng(seed)
+  idx = rng.integers(0, x.size, size=(num_resamples, x.size))
+  means = x[idx].mean(axis=1)
+  tail = (1.0 - level) / 2.0 * 100.0
+  lo, hi = np.percentile(means, [tail, 100.0 - tail])
+  return float(x.mean()), float(lo), float(hi)
+
+
+def paired_bootstrap_ci(a: Sequence[float], b: Sequence[float], **kw) -> tuple[float, float, float]:
+  """``(mean(a - b), low, high)`` over paired per-example scores (same examples, same order).
+
+  Raises:
+    ValueError: ``a`` and ``b`` differ in length.
+  """
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if a.shape != b.shape:
+    raise ValueError(f"paired_bootstrap_ci: {a.shape} vs {b.shape}; pair the same examples.")
+  return bootstrap_ci(a - b, **kw)

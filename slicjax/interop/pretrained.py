@@ -179,6 +179,21 @@ class PretrainedTokenizer:
       ids = self._prefix_ids + self._encode_model(text)[:room] + self._suffix_ids
     return self.vocab_map.to_slicjax(ids).tolist()
 
+  def decode_prompt(self, ids: Sequence[int]) -> str:
+    """The input text inside a prompt from :meth:`encode_prompt` (the template stripped)."""
+    model_ids = [int(t) for t in self.vocab_map.to_model(
+      [i for i in np.asarray(ids, np.int64).reshape(-1).tolist() if i != PAD_ID]
+    )]
+    pre, suf = self._prefix_ids, self._suffix_ids
+    if model_ids[: len(pre)] == pre:
+      model_ids = model_ids[len(pre) :]
+    if suf and model_ids[-len(suf) :] == suf:
+      model_ids = model_ids[: -len(suf)]
+    if self.prompt_format == "chat" and self.instruction:
+      text = self.hf.decode(model_ids, stop_at_eos=False)
+      return text.removeprefix(f"{self.instruction}\n\n")
+    return self.hf.decode(model_ids, stop_at_eos=False)
+
   def decode(self, ids: Sequence[int], *, stop_at_eos: bool = True) -> str:
     """Text of slicjax ids: stops at EOS (unless told not to), drops padding."""
     keep = []

@@ -51,7 +51,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     candidates=dict(num_examples=96, num_candidates=4, batch_size=16, chunk_size=32),
     calibrate=dict(steps=24, batch_size=8),
     calibrate_optimizer=dict(learning_rate=3e-4, warmup_steps=4),
-    evaluate=dict(beam_sizes=(1, 4), alphas=(0.0, 0.6), num_examples=64, batch_size=16),
+    evaluate=dict(beam_sizes=(1, 4), alphas=(0.0, 0.6), num_examples=128, batch_size=16,
+                  calibration_candidates=4),
   ),
   # Seconds: used by the test suite to run every stage end to end.
   "smoke": dict(
@@ -259,7 +260,8 @@ def _examples(ctx, n: int = 4):
   for name, params in models.items():
     outs[name], _ = evaluate.decode_split(model, params, data, ex, beam_size=4, alpha=0.0,
                                           batch_size=len(ex), max_len=data.target_len)
-  return [dict(input=data.detokenize(e["inputs"])[:300], reference=data.detokenize(e["targets"]),
+  shown = getattr(data.tokenizer, "decode_prompt", data.detokenize)  # without the chat template
+  return [dict(input=shown(e["inputs"])[:300], reference=data.detokenize(e["targets"]),
                outputs={name: outs[name][i] for name in models})
           for i, e in enumerate(ex)]
 
@@ -296,7 +298,8 @@ def write_report(workdir, preset, records, info, result, examples, losses=("rank
     lines += ["", "![training curves](training_curves.png)"]
   if result:
     lines += ["", "## Quality vs beam size", "", "![quality vs beam](quality_vs_beam.png)", ""]
-    lines.append(evaluate.markdown_table(result["grid"], result["rank_correlation"]))
+    lines.append(evaluate.markdown_table(result["grid"], result["rank_correlation"],
+                                         result.get("paired_differences", ())))
   if examples:
     lines += ["## Examples (beam 4)", ""]
     for e in examples:

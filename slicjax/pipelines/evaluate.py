@@ -54,8 +54,12 @@ def decode_split(model, params, data, examples, *, beam_size, alpha, batch_size,
   return texts, toks
 
 
-def quality_grid(models: dict[str, Any], model, data, c: dict[str, Any], bar=None):
-  """Rows ``{model, alpha, beam, rouge1, rouge2, rougeL, length, repetition}``."""
+def quality_grid(models: dict[str, Any], model, data, c: dict[str, Any], bar=None,
+                 predictions: list | None = None):
+  """Rows ``{model, alpha, beam, rouge1, rouge2, rougeL, rougeL_lo, rougeL_hi, length,
+  repetition}`` (``rougeL_lo/hi``: 95% bootstrap interval over examples; ``_per_example``
+  holds the per-example ROUGE-L for paired comparisons). ``predictions`` (a list) receives one
+  dict per decoded example."""
   examples = data.eval_examples[: c["num_examples"]]
   refs = [data.detokenize(e["targets"]) for e in examples]
   max_len = c["max_len"] or data.target_len
@@ -68,12 +72,22 @@ def quality_grid(models: dict[str, Any], model, data, c: dict[str, Any], bar=Non
         texts, toks = decode_split(model, params, data, examples, beam_size=beam, alpha=alpha,
                                    batch_size=c["batch_size"], max_len=max_len)
         rouge = similarity.rouge_scores(texts, refs)
+        per_ex = np.asarray(rouge["rougeL"], np.float64) * 100
+        _, lo, hi = metrics.bootstrap_ci(per_ex)
         rows.append(dict(
           model=name, alpha=float(alpha), beam=int(beam),
           **{k: float(np.mean(rouge[k]) * 100) for k in ("rouge1", "rouge2", "rougeL")},
+          rougeL_lo=lo, rougeL_hi=hi,
           length=float(np.mean([len(t) for t in toks])),
           repetition=float(metrics.repetition_rate(toks, c["repetition_ngram"])),
+          _per_example=per_ex,
         ))
+        if predictions is not None:
+          predictions.extend(
+            dict(id=i, model=name, beam=int(beam), alpha=float(alpha), prediction=t,
+                 reference=r, rougeL=float(s))
+            for i, (t, r, s) in enumerate(zip(texts, refs, per_ex))
+          )
         if bar is not None:
           bar.update(1)
   return rows
@@ -119,31 +133,67 @@ def run(models: dict[str, Any], model, data, config, out_dir: str, *, decoder_fo
     from tqdm.auto import tqdm
 
     bar = tqdm(total=n_runs, desc="evaluate", unit="decode", dynamic_ncols=True)
-  rows = quality_grid(models, model, data, c, bar)
+  predictions: list[dict[str, Any]] = []
+  rows = quality_grid(models, model, data, c, bar, predictions)
   if bar is not None:
     bar.close()
+  diffs = paired_differences(rows)
+  for r in rows:
+    r.pop("_per_example")
   first = next(iter(models.values()))
   corr = calibration_report(models, model, data, c, decoder_for_report or first)
-  result = {"grid": rows, "rank_correlation": corr, "num_examples": min(
-    c["num_examples"], len(data.eval_examples))}
+  result = {"grid": rows, "paired_differences": diffs, "rank_correlation": corr,
+            "num_examples": min(c["num_examples"], len(data.eval_examples))}
   with open(os.path.join(out_dir, "eval.json"), "w") as f:
     json.dump(result, f, indent=2)
+  with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
+    for p in predictions:
+      f.write(json.dumps(p) + "\n")
   with open(os.path.join(out_dir, "eval.md"), "w") as f:
-    f.write(markdown_table(rows, corr))
+    f.write(markdown_table(rows, corr, diffs))
   plots.quality_vs_beam(rows, os.path.join(out_dir, "quality_vs_beam.png"))
   return result
 
 
-def markdown_table(rows, corr) -> str:
+def paired_differences(rows) -> list[dict[str, Any]]:
+  """ROUGE-L of every model minus the first model's, per (beam, α), with a paired 95% bootstrap
+  interval over the same examples; ``within_noise`` when the interval contains 0."""
+  if not rows:
+    return []
+  base_name = rows[0]["model"]
+  base = {(r["beam"], r["alpha"]): r for r in rows if r["model"] == base_name}
+  out = []
+  for r in rows:
+    b = base.get((r["beam"], r["alpha"]))
+    if r["model"] == base_name or b is None or "_per_example" not in r:
+      continue
+    d, lo, hi = metrics.paired_bootstrap_ci(r["_per_example"], b["_per_example"])
+    out.append(dict(model=r["model"], baseline=base_name, beam=r["beam"], alpha=r["alpha"],
+                    rougeL_diff=d, lo=lo, hi=hi, within_noise=bool(lo <= 0.0 <= hi)))
+  return out
+
+
+def markdown_table(rows, corr, diffs=()) -> str:
   lines = [
-    "| model | length penalty α | beam | ROUGE-1 | ROUGE-2 | ROUGE-L | mean length | repetition |",
+    "| model | length penalty α | beam | ROUGE-1 | ROUGE-2 | ROUGE-L [95% CI] | mean length | "
+    "repetition |",
     "|---|---|---|---|---|---|---|---|",
   ]
   for r in rows:
+    ci = f" [{r['rougeL_lo']:.2f}, {r['rougeL_hi']:.2f}]" if "rougeL_lo" in r else ""
     lines.append(
       f"| {r['model']} | {r['alpha']:g} | {r['beam']} | {r['rouge1']:.2f} | {r['rouge2']:.2f} | "
-      f"{r['rougeL']:.2f} | {r['length']:.1f} | {r['repetition'] * 100:.1f}% |"
+      f"{r['rougeL']:.2f}{ci} | {r['length']:.1f} | {r['repetition'] * 100:.1f}% |"
     )
+  if diffs:
+    lines += ["", f"Paired ROUGE-L differences vs {diffs[0]['baseline']} (same examples; 95% "
+              "bootstrap interval, 1,000 resamples):", "",
+              "| model | α | beam | ΔROUGE-L [95% CI] | |", "|---|---|---|---|---|"]
+    lines += [
+      f"| {d['model']} | {d['alpha']:g} | {d['beam']} | {d['rougeL_diff']:+.2f} "
+      f"[{d['lo']:+.2f}, {d['hi']:+.2f}] | {'within noise' if d['within_noise'] else ''} |"
+      for d in diffs
+    ]
   lines += ["", "| model | mean per-input Spearman(logP, ROUGE) |", "|---|---|"]
   lines += [f"| {k} | {v:.3f} |" for k, v in corr.items()]
   return "\n".join(lines) + "\n"

@@ -84,3 +84,31 @@ def test_corpus_rouge_matches_rouge_score():
   assert metrics.aggregate_rouge({"rouge1": np.array([0.5, 0.25])}) == {"rouge1": 37.5}
   with pytest.raises(ValueError, match="empty"):
     metrics.corpus_rouge([], [])
+
+
+def test_bootstrap_interval_covers_the_mean_and_shrinks_with_more_examples():
+  rng = np.random.default_rng(1)
+  small = rng.normal(10.0, 2.0, 50)
+  big = rng.normal(10.0, 2.0, 5000)
+  m, lo, hi = metrics.bootstrap_ci(small)
+  assert lo < m < hi and m == pytest.approx(small.mean())
+  # the percentile interval approximates mean ± 1.96 standard errors
+  se = small.std(ddof=1) / np.sqrt(small.size)
+  assert hi - lo == pytest.approx(2 * 1.96 * se, rel=0.2)
+  _, lo2, hi2 = metrics.bootstrap_ci(big)
+  assert hi2 - lo2 < (hi - lo) / 5
+  with pytest.raises(ValueError, match="no values"):
+    metrics.bootstrap_ci([])
+
+
+def test_paired_bootstrap_sees_a_consistent_small_gain_that_unpaired_intervals_hide():
+  rng = np.random.default_rng(2)
+  base = rng.normal(20.0, 10.0, 200)  # large per-example spread
+  better = base + 0.5 + rng.normal(0.0, 0.2, 200)  # the same examples, a small steady gain
+  d, lo, hi = metrics.paired_bootstrap_ci(better, base)
+  assert lo > 0 and d == pytest.approx(np.mean(better - base))
+  _, blo, bhi = metrics.bootstrap_ci(base)
+  _, wlo, whi = metrics.bootstrap_ci(better)
+  assert wlo < bhi  # the unpaired intervals overlap
+  with pytest.raises(ValueError, match="pair the same examples"):
+    metrics.paired_bootstrap_ci([1.0, 2.0], [1.0])

@@ -181,3 +181,10 @@ def test_smollm2_export_round_trip_generates_identical_tokens(tmp_path):
     n -= 1
   assert tok.vocab_map.to_model(ours[:n]).tolist() == theirs[:n]
   assert len(theirs) >= 8  # a real sentence, not an immediate stop
+
+
+def test_decode_prompt_returns_the_input_without_the_template(tiny):
+  path, _ = tiny
+  _, _, tok = load_pretrained(path, max_len=96, instruction="Summarize.")
+  text = "def f(x):\n    return x"
+  assert tok.decode_prompt(tok.encode_prompt(text) + [PAD_ID] * 3) == text

@@ -199,4 +199,7 @@ def test_reward_rso_decode_and_evaluate_from_gguf(setup):
   # zero-shot decoding and the evaluation grid from the pretrained params
   res = evaluate.run({"pretrained": params}, model, data, cfg, str(d / "eval"))
   assert {r["beam"] for r in res["grid"]} == {1, 2}
-  assert os.path.getsize(d / "eval" / "eval.md") > 0
+  assert all(r["rougeL_lo"] <= r["rougeL"] <= r["rougeL_hi"] for r in res["grid"])
+  preds = [json.loads(x) for x in open(d / "eval" / "predictions.jsonl")]
+  assert len(preds) == 4 * 2 and {p["beam"] for p in preds} == {1, 2}
+  assert "95% CI" in open(d / "eval" / "eval.md").read()

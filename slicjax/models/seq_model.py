@@ -160,6 +160,15 @@ class PrefixLM(SeqModel):
         "in the data config, or use an encoder-decoder model."
       )
     tokens, seg, gather = self._layout(batch["inputs"], batch["targets"])
+    cls = type(self.module)
+    if hasattr(cls, "logits_from_hidden"):  # project only the target positions onto the vocab
+      h = self.module.apply(
+        {"params": params}, tokens, segment_ids_BxL=seg, deterministic=deterministic, rngs=rngs,
+        method=cls.hidden_states,
+      )
+      h = jnp.take_along_axis(h, gather[:, :, None], axis=1)
+      logits = self.module.apply({"params": params}, h, method=cls.logits_from_hidden)
+      return logits, (h if return_hidden else None)
     out = self.module.apply(
       {"params": params}, tokens, segment_ids_BxL=seg, deterministic=deterministic,
       return_hidden=return_hidden, rngs=rngs,

@@ -267,15 +267,27 @@ class TransformerLM(nn.Module):
     self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, decode=False, deterministic=True,
     return_hidden=False,
   ):
+    h = self.hidden_states(tokens_BxL, positions_BxL, segment_ids_BxL, decode=decode,
+                           deterministic=deterministic)
+    logits = self.head(h, self.embed)
+    return (logits, h) if return_hidden else logits
+
+  def hidden_states(
+    self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, decode=False, deterministic=True
+  ):
+    """The decoder's final states ``[B, L, D]``, before the vocabulary projection."""
     if segment_ids_BxL is None:
       segment_ids_BxL = jnp.ones(tokens_BxL.shape, jnp.int32)
     if positions_BxL is None:
       positions_BxL = _default_positions(segment_ids_BxL)
-    h = self.decoder(
+    return self.decoder(
       tokens_BxL, positions_BxL, segment_ids_BxL, decode=decode, deterministic=deterministic
     )
-    logits = self.head(h, self.embed)
-    return (logits, h) if return_hidden else logits
+
+  def logits_from_hidden(self, h_BxLxD):
+    """Vocabulary logits (float32) of decoder states: lets callers project only the positions
+    they score (a prefix LM's targets), not the whole sequence."""
+    return self.head(h_BxLxD, self.embed)
 
   # Decoding adapters may write a whole prompt's KV cache with one call of ``prefill``.
   parallel_prefill = True

@@ -26,4 +26,7 @@ def get_config():
   c.pretrained = ml_collections.ConfigDict(dict(common.PRETRAINED_KEYS))
   c.lora = ml_collections.ConfigDict(dict(common.LORA_KEYS))
   c.mesh_shape = (-1, 1, 1)
+  # JAX persistent compilation cache: "default" (~/.cache/slicjax/jax_compilation or
+  # $SLICJAX_CACHE_DIR/jax_compilation), a directory, or "off".
+  c.compilation_cache = "default"
   return c

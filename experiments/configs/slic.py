@@ -35,4 +35,7 @@ def get_config():
   c.optimizer = ml_collections.ConfigDict({**optim.DEFAULTS, **dict(
     learning_rate=3e-4, warmup_steps=10, schedule="constant", decay_steps=0)})
   c.evaluate = ml_collections.ConfigDict(dict(evaluate.EVAL_KEYS))
+  # JAX persistent compilation cache: "default" (~/.cache/slicjax/jax_compilation or
+  # $SLICJAX_CACHE_DIR/jax_compilation), a directory, or "off".
+  c.compilation_cache = "default"
   return c

@@ -22,8 +22,11 @@ METHODS = ("beam", "greedy", "sample", "diverse_beam")
 
 _COMMON = ("eos_id", "pad_id", "min_len", "no_repeat_ngram_size")
 OPTIONS: dict[str, tuple[str, ...]] = {
-  "beam": ("beam_size", "alpha") + _COMMON,
-  "diverse_beam": ("beam_size", "num_groups", "diversity_strength", "alpha") + _COMMON,
+  "beam": ("beam_size", "alpha", "length_penalty_style", "finish_top_2k") + _COMMON,
+  "diverse_beam": (
+    "beam_size", "num_groups", "diversity_strength", "alpha", "length_penalty_style",
+    "finish_top_2k",
+  ) + _COMMON,
   "greedy": _COMMON,
   "sample": ("num_samples", "temperature", "top_k", "top_p") + _COMMON,
 }
@@ -33,6 +36,8 @@ _REQUIRED: dict[str, tuple[str, ...]] = {
   "greedy": (),
   "sample": (),
 }
+
+_STRING_OPTIONS = ("length_penalty_style",)
 
 _COMPILED: dict[Any, Any] = {}
 
@@ -53,6 +58,9 @@ def _check_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
   for key, v in options.items():
     if isinstance(v, np.generic):
       v = v.item()
+    if key in _STRING_OPTIONS and isinstance(v, str):
+      clean[key] = v
+      continue
     if v is not None and not isinstance(v, (int, float)):
       raise ValueError(f"option {key}={v!r} must be a Python number (it is compiled in).")
     clean[key] = v
@@ -102,8 +110,9 @@ def decode(
     example_ids: optional int ``[B]`` ids keying each input's sampling randomness (default
       ``arange(B)``); ignored by the deterministic methods.
     **options: the method's keyword arguments (Python numbers): beam: ``beam_size`` (required),
-      ``alpha``; diverse_beam: ``beam_size``, ``num_groups``, ``diversity_strength`` (required),
-      ``alpha``; sample: ``num_samples``, ``temperature``, ``top_k``, ``top_p``; all:
+      ``alpha``, ``length_penalty_style`` (``"gnmt"`` or ``"power"``), ``finish_top_2k``;
+      diverse_beam: ``beam_size``, ``num_groups``, ``diversity_strength`` (required), and the
+      beam options; sample: ``num_samples``, ``temperature``, ``top_k``, ``top_p``; all:
       ``eos_id``, ``pad_id``, ``min_len``, ``no_repeat_ngram_size``.
 
   Returns:

@@ -43,8 +43,15 @@ from slicjax.decoding import sampling, types
 from slicjax.decoding.types import BeamState, DecodeResult
 
 
-def length_penalty(lengths, alpha: float):
-  """GNMT / T5 length penalty divisor ``((5 + length) / 6) ** alpha`` (1 when ``alpha = 0``).
+LENGTH_PENALTIES = ("gnmt", "power")
+
+
+def length_penalty(lengths, alpha: float, style: str = "gnmt", ends_in_eos=False):
+  """Length penalty divisor of a hypothesis (1 when ``alpha = 0``); score = logp / divisor.
+
+  * ``"gnmt"`` (GNMT / T5, the default): ``((5 + |y|) / 6) ** alpha``, ``|y|`` counting EOS;
+  * ``"power"`` (Hugging Face ``transformers``): ``n ** alpha`` with ``n`` the generated tokens
+    before EOS (EOS not counted), at least 1.
 
   .. math::
 
@@ -56,10 +63,20 @@ def length_penalty(lengths, alpha: float):
   lengths = jnp.asarray(lengths, jnp.float32)
   if alpha == 0:
     return jnp.ones_like(lengths)
+  if style == "power":
+    n = lengths - jnp.asarray(ends_in_eos, jnp.float32)
+    return jnp.maximum(n, 1.0) ** alpha
+  if style != "gnmt":
+    raise ValueError(f"length penalty style must be one of {LENGTH_PENALTIES}, got {style!r}.")
   return ((5.0 + lengths) / 6.0) ** alpha
 
 
-def _check_beam_args(beam_size, num_groups, alpha, diversity_strength):
+def _check_beam_args(beam_size, num_groups, alpha, diversity_strength, length_style="gnmt"):
+  if length_style not in LENGTH_PENALTIES:
+    raise ValueError(
+      f"length_penalty must be one of {LENGTH_PENALTIES} ('gnmt': ((5 + |y|) / 6) ** alpha; "
+      f"'power': |y| ** alpha as in transformers), got {length_style!r}."
+    )
   if not isinstance(beam_size, int) or isinstance(beam_size, bool) or beam_size < 1:
     raise ValueError(f"beam_size must be an int >= 1, got {beam_size!r}.")
   if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1:
@@ -106,12 +123,14 @@ def _search(
   min_len: int,
   no_repeat_ngram_size: int,
   diversity_strength: float,
+  length_style: str = "gnmt",
+  finish_top_2k: bool = False,
 ) -> DecodeResult:
   b = init_tokens_B.shape[0]
   k, g_count = beam_size, num_groups
   kg = k // g_count
   f32 = jnp.float32
-  lp_max = length_penalty(max_len, alpha)
+  lp_max = length_penalty(max_len, alpha, length_style)  # the largest divisor of any length
   first_alive_K = jnp.tile(jnp.where(jnp.arange(kg) == 0, 0.0, -jnp.inf), g_count).astype(f32)
   state = BeamState(
     step=jnp.zeros((), jnp.int32),
@@ -146,7 +165,8 @@ def _search(
     logp_BKxV = jnp.where(allowed_BKxV, logp_BKxV, -jnp.inf)
     cand_BxKxV = s.alive_logp_BxK[:, :, None] + logp_BKxV.reshape(b, k, v)
     is_last = t + 1 >= max_len
-    lp_now = length_penalty(t + 1, alpha)
+    lp_eos = length_penalty(t + 1, alpha, length_style, ends_in_eos=True)
+    lp_cut = length_penalty(t + 1, alpha, length_style, ends_in_eos=False)
     count_BxV = jnp.zeros((b, v), f32)
     beam_idx, alive_toks, alive_logp, fin = [], [], [], []
     n_top = min(2 * kg, kg * v)
@@ -165,9 +185,10 @@ def _search(
         w_BxN = (chosen_BxN & ~s.done_BxG[:, g : g + 1]).astype(f32)
         rows_BxN = jnp.broadcast_to(jnp.arange(b)[:, None], top_tok_BxN.shape)
         count_BxV = count_BxV.at[rows_BxN, top_tok_BxN].add(w_BxN)
-      # Finished candidates: the group's top-Kg choices that end in EOS, and at the last step
-      # (t + 1 = max_len) all of its choices.
-      fin_ok_BxN = chosen_BxN & (is_eos_BxN | is_last)
+      # Finished candidates: the group's top-Kg choices that end in EOS (T5X style: every EOS
+      # among its top 2Kg), and at the last step (t + 1 = max_len) all of its choices.
+      eos_ok_BxN = (top_valid_BxN if finish_top_2k else chosen_BxN) & is_eos_BxN
+      fin_ok_BxN = eos_ok_BxN | (chosen_BxN & is_last)
       prefix_BxNxL = jnp.take_along_axis(
         s.alive_tokens_BxKxL[:, sl], top_beam_BxN[:, :, None], axis=1
       )
@@ -178,7 +199,7 @@ def _search(
       new_fin = (
         with_tok_BxNxL,
         fin_logp_BxN,
-        fin_logp_BxN / lp_now,
+        fin_logp_BxN / jnp.where(is_eos_BxN, lp_eos, lp_cut),
         jnp.full(fin_logp_BxN.shape, t + 1, jnp.int32),
       )
       # New alive beams: the best Kg candidates (by rank) that do not end in EOS.
@@ -248,6 +269,8 @@ def beam_search(
   alpha: float = 0.6,
   min_len: int = 0,
   no_repeat_ngram_size: int = 0,
+  length_penalty_style: str = "gnmt",
+  finish_top_2k: bool = False,
 ) -> DecodeResult:
   """Beam search returning all ``beam_size`` finished hypotheses per input, best first.
 
@@ -263,6 +286,12 @@ def beam_search(
     alpha: length-penalty exponent (:func:`length_penalty`); 0 ranks by raw log-probability.
     min_len: EOS is forbidden before this many tokens (EOS included) can be reached.
     no_repeat_ngram_size: forbid tokens completing an n-gram already in the hypothesis (0 = off).
+    length_penalty_style: ``"gnmt"`` (``((5 + |y|) / 6) ** alpha``, T5 / GNMT) or ``"power"``
+      (``|y| ** alpha``, EOS not counted, as Hugging Face ``transformers``); see
+      :func:`length_penalty`.
+    finish_top_2k: T5X-style finishing: a hypothesis ending in EOS is kept when it ranks among
+      the top ``2K`` candidates of its step, not only among the top ``K`` (the alive beams are
+      the same either way).
 
   Returns:
     :class:`DecodeResult`: ``scores_BxK`` (descending) are length-penalized, ``logp_BxK`` raw.
@@ -278,7 +307,7 @@ def beam_search(
     pad_id=pad_id,
     no_repeat_ngram_size=no_repeat_ngram_size,
   )
-  _check_beam_args(beam_size, 1, alpha, 0.0)
+  _check_beam_args(beam_size, 1, alpha, 0.0, length_penalty_style)
   return _search(
     tokens_to_logits,
     jnp.asarray(init_tokens_B),
@@ -291,6 +320,8 @@ def beam_search(
     alpha=float(alpha),
     min_len=min_len,
     no_repeat_ngram_size=no_repeat_ngram_size,
+    length_style=length_penalty_style,
+    finish_top_2k=bool(finish_top_2k),
     diversity_strength=0.0,
   )
 
@@ -309,6 +340,8 @@ def diverse_beam_search(
   alpha: float = 0.6,
   min_len: int = 0,
   no_repeat_ngram_size: int = 0,
+  length_penalty_style: str = "gnmt",
+  finish_top_2k: bool = False,
 ) -> DecodeResult:
   """Diverse beam search: ``num_groups`` groups of ``beam_size // num_groups`` beams.
 
@@ -341,7 +374,7 @@ def diverse_beam_search(
     pad_id=pad_id,
     no_repeat_ngram_size=no_repeat_ngram_size,
   )
-  _check_beam_args(beam_size, num_groups, alpha, diversity_strength)
+  _check_beam_args(beam_size, num_groups, alpha, diversity_strength, length_penalty_style)
   return _search(
     tokens_to_logits,
     jnp.asarray(init_tokens_B),
@@ -354,5 +387,7 @@ def diverse_beam_search(
     alpha=float(alpha),
     min_len=min_len,
     no_repeat_ngram_size=no_repeat_ngram_size,
+    length_style=length_penalty_style,
+    finish_top_2k=bool(finish_top_2k),
     diversity_strength=float(diversity_strength),
   )

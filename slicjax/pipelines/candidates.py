@@ -35,7 +35,7 @@ CANDIDATE_KEYS = dict(
   finetuned_workdir="", split="train", num_examples=512, num_candidates=8, method="beam",
   similarity="latent", batch_size=16, chunk_size=64, seed=0, temperature=0.7, top_k=40,
   top_p=1.0, alpha=0.0, num_groups=4, diversity_strength=0.5, store_ref_topk=0,
-  rouge_workers=1, max_len=0, progress=True,
+  rouge_workers=1, max_len=0, progress=True, length_penalty_style="gnmt", finish_top_2k=False,
 )
 
 
@@ -48,11 +48,13 @@ def candidate_config(config) -> dict[str, Any]:
 def decode_options(c: dict[str, Any]) -> dict[str, Any]:
   """The options of ``slicjax.decoding.api.decode`` for a candidate config."""
   k, method = c["num_candidates"], c["method"]
+  beam = dict(alpha=c["alpha"], length_penalty_style=c["length_penalty_style"],
+              finish_top_2k=bool(c["finish_top_2k"]))
   if method == "beam":
-    return dict(beam_size=k, alpha=c["alpha"])
+    return dict(beam_size=k, **beam)
   if method == "diverse_beam":
     return dict(beam_size=k, num_groups=c["num_groups"],
-                diversity_strength=c["diversity_strength"], alpha=c["alpha"])
+                diversity_strength=c["diversity_strength"], **beam)
   if method == "sample":
     return dict(num_samples=k, temperature=c["temperature"], top_k=c["top_k"], top_p=c["top_p"])
   if method == "greedy":

@@ -158,7 +158,42 @@ def params_from(config, workdir: str, what: str):
   )
 
 
+def compilation_cache_dir() -> str:
+  """``$SLICJAX_CACHE_DIR/jax_compilation`` or ``~/.cache/slicjax/jax_compilation``."""
+  root = os.environ.get("SLICJAX_CACHE_DIR") or os.path.join(
+    os.path.expanduser("~"), ".cache", "slicjax"
+  )
+  return os.path.join(root, "jax_compilation")
+
+
+def enable_compilation_cache(config=None) -> str | None:
+  """Turns on JAX's persistent compilation cache for this process. Config key
+  ``compilation_cache``: ``"default"`` (the default) uses :func:`compilation_cache_dir`, any
+  other string is the directory, ``"off"`` or ``""`` turns it off. A second run of a binary with
+  the same shapes then loads its programs from disk instead of compiling them again. Returns
+  the directory, or None when off."""
+  setting = "default" if config is None else config.get("compilation_cache", "default")
+  if setting is None or str(setting).strip().lower() in ("", "off", "false", "none"):
+    return None
+  setting = str(setting)
+  path = compilation_cache_dir() if setting == "default" else os.path.expanduser(setting)
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    logging.warning(
+      "compilation cache off: cannot create %s (%s); set compilation_cache to a writable "
+      "directory or to 'off'.", path, e,
+    )
+    return None
+  jax.config.update("jax_compilation_cache_dir", path)
+  # Cache every program that took at least half a second to compile, whatever its size.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return path
+
+
 def prepare_workdir(workdir: str, config=None) -> str:
+  enable_compilation_cache(config)
   if not workdir:
     raise ValueError("--workdir is required: a directory for checkpoints, metrics and reports.")
   workdir = os.path.abspath(os.path.expanduser(workdir))

@@ -20,6 +20,7 @@ from slicjax.pipelines import common
 EVAL_KEYS = dict(
   beam_sizes=(1, 2, 4, 8, 16), alphas=(0.0, 0.6), num_examples=128, batch_size=16,
   calibration_candidates=8, repetition_ngram=3, max_len=0, progress=True,
+  length_penalty_style="gnmt", finish_top_2k=False,
 )
 
 
@@ -36,13 +37,16 @@ def _batches(examples, bs, input_len, target_len):
     yield len(chunk), iterators.pad_batch(padded, input_len, target_len)
 
 
-def decode_split(model, params, data, examples, *, beam_size, alpha, batch_size, max_len):
+def decode_split(model, params, data, examples, *, beam_size, alpha, batch_size, max_len,
+                 length_penalty_style="gnmt", finish_top_2k=False):
   """Top beam per example: ``(texts, token_lists)``."""
+  beam_opts = dict(beam_size=beam_size, alpha=alpha, length_penalty_style=length_penalty_style,
+                   finish_top_2k=bool(finish_top_2k))
   texts, toks = [], []
   for n, batch in _batches(examples, batch_size, data.input_len, data.target_len):
     res = decoding_api.decode(
       model, params, jnp.asarray(batch["inputs"]), method="beam" if beam_size > 1 else "greedy",
-      max_len=max_len, **(dict(beam_size=beam_size, alpha=alpha) if beam_size > 1 else {}),
+      max_len=max_len, **(beam_opts if beam_size > 1 else {}),
     )
     best = np.asarray(res.tokens_BxKxL[:, 0])
     for row in best[:n]:
@@ -70,7 +74,9 @@ def quality_grid(models: dict[str, Any], model, data, c: dict[str, Any], bar=Non
         if beam == 1 and alpha != c["alphas"][0]:
           continue  # greedy has no length penalty
         texts, toks = decode_split(model, params, data, examples, beam_size=beam, alpha=alpha,
-                                   batch_size=c["batch_size"], max_len=max_len)
+                                   batch_size=c["batch_size"], max_len=max_len,
+                                   length_penalty_style=c["length_penalty_style"],
+                                   finish_top_2k=c["finish_top_2k"])
         rouge = similarity.rouge_scores(texts, refs)
         per_ex = np.asarray(rouge["rougeL"], np.float64) * 100
         _, lo, hi = metrics.bootstrap_ci(per_ex)

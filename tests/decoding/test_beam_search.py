@@ -221,3 +221,118 @@ def test_bad_arguments_raise():
     bs.beam_search(step, init[:, None], cache, beam_size=2, max_len=3)
   with pytest.raises(ValueError, match="must differ"):
     bs.beam_search(step, init, cache, beam_size=2, max_len=3, eos_id=0, pad_id=0)
+
+
+# --- decoding conventions of other libraries: `transformers` length penalty, T5X finishing ---
+
+
+def _power_penalty(hyp, alpha):
+  n = len(hyp) - (hyp[-1] == EOS)  # transformers: generated tokens before EOS
+  return max(n, 1) ** alpha
+
+
+@pytest.mark.parametrize("alpha,seed", [(0.6, 4), (1.0, 5), (2.0, 6)])
+def test_power_length_penalty_equals_exhaustive_enumeration(alpha, seed):
+  max_len = 3
+  params = make_params(seed=seed, eos_bias=0.5)
+  init, cache = make_inputs(3, seed=seed + 10)
+  res = run(bs.beam_search, params, init, cache, beam_size=V**max_len, max_len=max_len,
+            alpha=alpha, length_penalty_style="power")
+  hyps = enumerate_hypotheses(make_step(params), init, cache, V, max_len)
+  tokens = np.asarray(res.tokens_BxKxL)
+  for row, row_hyps in enumerate(hyps):
+    expected = sorted(row_hyps, key=lambda h: -h[1] / _power_penalty(h[0], alpha))
+    for j, (hyp, logp, length) in enumerate(expected):
+      np.testing.assert_array_equal(tokens[row, j, :length], hyp, err_msg=f"row {row} rank {j}")
+      np.testing.assert_allclose(
+        res.scores_BxK[row, j], logp / _power_penalty(hyp, alpha), rtol=1e-5, atol=1e-5
+      )
+
+
+def test_power_length_penalty_values():
+  lp = bs.length_penalty(jnp.array([1, 4, 4]), 0.5, "power", ends_in_eos=jnp.array([1, 1, 0]))
+  np.testing.assert_allclose(lp, [1.0, 3.0**0.5, 2.0], rtol=1e-6)  # EOS alone counts as 1
+
+
+def _reference_beam(step, init_B, cache, row, *, k, max_len, alpha, style, top2k):
+  """Plain-Python beam search of one input, written from the definitions (float32 sums)."""
+  lp = lambda n, eos: float(bs.length_penalty(n, alpha, style, ends_in_eos=eos))
+  lp_max = lp(max_len, False)
+  c0 = jax.tree.map(lambda x: x[row : row + 1], cache)
+  alive = [((), np.float32(0.0), int(init_B[row]), c0)]
+  finished = []  # (score, logp, tokens)
+  n_top = min(2 * k, k * V)
+  for t in range(max_len):
+    cands = []
+    for j in range(k):
+      if j >= len(alive) or not np.isfinite(alive[j][1]):
+        cands += [(-np.inf, j, v) for v in range(V)]
+        continue
+      toks, logp, last, c = alive[j]
+      logits, _ = step(jnp.asarray([last], jnp.int32), c)
+      lsm = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1))[0]
+      cands += [(np.float32(logp + lsm[v]) if v != PAD else -np.inf, j, v) for v in range(V)]
+    order = sorted(range(len(cands)), key=lambda i: -cands[i][0])[:n_top]  # stable: ties by index
+    is_last = t + 1 == max_len
+    new_fin, new_alive = [], []
+    for rank, i in enumerate(order):
+      raw, j, v = cands[i]
+      if not np.isfinite(raw):
+        continue
+      toks = alive[j][0] + (v,)
+      if v == EOS and (top2k or rank < k) or (rank < k and is_last):
+        new_fin.append((raw / lp(t + 1, v == EOS), raw, toks))
+      if v != EOS and len(new_alive) < k:
+        _, c = step(jnp.asarray([alive[j][2]], jnp.int32), alive[j][3])
+        new_alive.append((toks, raw, v, c))
+    finished = sorted(finished + new_fin, key=lambda f: -f[0])[:k]  # stable: old entries first
+    alive = new_alive
+    best_alive = max([a[1] for a in alive], default=-np.inf)
+    if is_last or (len(finished) == k and finished[-1][0] >= best_alive / lp_max):
+      break
+  return finished
+
+
+@pytest.mark.parametrize("style,alpha", [("gnmt", 0.8), ("power", 0.2)])
+def test_finish_top_2k_matches_reference(style, alpha):
+  k, max_len = 2, 4
+  differs = 0
+  for seed in range(6):
+    params = make_params(seed=20 + seed, eos_bias=0.0)
+    init, cache = make_inputs(4, seed=30 + seed)
+    step = make_step(params)
+    got = {}
+    for top2k in (False, True):
+      res = run(bs.beam_search, params, init, cache, beam_size=k, max_len=max_len, alpha=alpha,
+                length_penalty_style=style, finish_top_2k=top2k)
+      got[top2k] = res
+      for row in range(init.shape[0]):
+        ref = _reference_beam(step, init, cache, row, k=k, max_len=max_len, alpha=alpha,
+                              style=style, top2k=top2k)
+        for j, (score, logp, toks) in enumerate(ref):
+          n = len(toks)
+          np.testing.assert_array_equal(np.asarray(res.tokens_BxKxL[row, j, :n]), toks)
+          assert int(res.lengths_BxK[row, j]) == n
+          np.testing.assert_allclose(res.scores_BxK[row, j], score, rtol=1e-5)
+          np.testing.assert_allclose(res.logp_BxK[row, j], logp, rtol=1e-5)
+        assert np.all(np.isneginf(np.asarray(res.scores_BxK[row, len(ref) :])))
+    differs += int(not np.array_equal(got[False].tokens_BxKxL, got[True].tokens_BxKxL))
+  assert differs > 0, "finish_top_2k never changed a result: the cases do not exercise it"
+
+
+def test_finish_top_2k_never_lowers_the_best_score():
+  # Keeping more finished hypotheses can only raise (or keep) the best finished score.
+  for seed in range(4):
+    params = make_params(seed=40 + seed, eos_bias=0.8)
+    init, cache = make_inputs(4, seed=50 + seed)
+    kw = dict(beam_size=2, max_len=5, alpha=0.6)
+    base = run(bs.beam_search, params, init, cache, **kw)
+    t5x = run(bs.beam_search, params, init, cache, finish_top_2k=True, **kw)
+    assert np.all(np.asarray(t5x.scores_BxK[:, 0]) >= np.asarray(base.scores_BxK[:, 0]) - 1e-6)
+
+
+def test_bad_length_penalty_style():
+  step = make_step(make_params())
+  init, cache = make_inputs(2)
+  with pytest.raises(ValueError, match="length_penalty must be one of"):
+    bs.beam_search(step, init, cache, beam_size=2, max_len=3, length_penalty_style="hf")

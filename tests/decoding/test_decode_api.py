@@ -23,6 +23,11 @@ def _direct(fn, **kw):
   [
     ("beam", dict(beam_size=3, alpha=0.6), bs.beam_search),
     (
+      "beam",
+      dict(beam_size=3, alpha=0.5, length_penalty_style="power", finish_top_2k=True),
+      bs.beam_search,
+    ),
+    (
       "diverse_beam",
       dict(beam_size=4, num_groups=2, diversity_strength=0.5),
       bs.diverse_beam_search,

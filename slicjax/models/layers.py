@@ -7,6 +7,7 @@ constrained at block boundaries. Compute runs in ``dtype`` (e.g. bfloat16) with 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -189,6 +190,8 @@ class Attention(nn.Module):
   qkv_bias: bool = False  # biases on query/key/value only (Qwen2); ``use_bias`` covers all four
   dropout_rate: float = 0.0
   max_len: int = 0  # cache capacity (decode mode)
+  cache_bucket: int = 64  # decode attends over the smallest of 64, 128, ... slots holding the
+  # filled cache (see cache_buckets); 0 attends over the whole buffer every step
 
   @nn.compact
   def __call__(
@@ -215,6 +218,7 @@ class Attention(nn.Module):
       q = rope(q, q_pos, self.rope_theta)
       key = rope(key, k_pos, self.rope_theta)
 
+    is_init = True
     if decode:
       b, lq = x_q.shape[0], x_q.shape[1]
       is_init = not self.has_variable("cache", "cached_key")
@@ -232,27 +236,59 @@ class Attention(nn.Module):
         ci.value = idx + lq
       key, value = ck.value, cv.value
 
-    # grouped-query attention: queries [B, Q, G, H/G, K]
     b, lq = q.shape[0], q.shape[1]
     qg = q.reshape(b, lq, g, h // g, k)
     if self.scale_queries:
       qg = qg * jax.lax.rsqrt(jnp.float32(k)).astype(qg.dtype)
-    logits = jnp.einsum("bqgrk,bsgk->bgrqs", qg, key).astype(jnp.float32)
-    logits = logits.reshape(b, h, lq, key.shape[1])
-    if bias_BxHxQxK is not None:
-      logits = logits + bias_BxHxQxK.astype(jnp.float32)
-    logits = jnp.where(mask_BxQxK[:, None, :, :], logits, NEG_INF)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    if self.dropout_rate > 0 and not deterministic:
-      probs = nn.Dropout(self.dropout_rate)(probs, deterministic=False)
-    probs = probs.reshape(b, g, h // g, lq, key.shape[1])
-    out = jnp.einsum("bgrqs,bsgk->bqgrk", probs, value).reshape(b, lq, h, k)
+    sizes = cache_buckets(self.max_len, self.cache_bucket) if decode else ()
+    if len(sizes) > 1 and not is_init and deterministic:
+      # Decode cost that follows the filled cache: attend over the smallest bucket of slots
+      # holding every written entry (slots past a row's index are masked, so the result is the
+      # same as over the whole buffer); lax.switch runs only the chosen bucket's branch.
+      filled = jnp.max(ci.value)
+      branches = [functools.partial(self._attend, size=n) for n in sizes]
+      which = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), filled, side="left")
+      out = jax.lax.switch(which, branches, qg, key, value, mask_BxQxK, bias_BxHxQxK)
+    else:
+      out = self._attend(qg, key, value, mask_BxQxK, bias_BxHxQxK, deterministic=deterministic)
     return nn.DenseGeneral(
       features=x_q.shape[-1], axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype,
       param_dtype=self.param_dtype,
       kernel_init=nn.with_logical_partitioning(init, ("heads", "head_dim", "embed")),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), name="out",
     )(out)
+
+  def _attend(self, qg, key, value, mask_BxQxK, bias_BxHxQxK, deterministic=True, size=None):
+    """Grouped-query attention core: queries ``[B, Q, G, H/G, K]`` over keys/values ``[B, S, G,
+    K]`` (only their first ``size`` slots when given); returns ``[B, Q, H, K]``."""
+    if size is not None:
+      key, value, mask_BxQxK = key[:, :size], value[:, :size], mask_BxQxK[..., :size]
+      if bias_BxHxQxK is not None:
+        bias_BxHxQxK = bias_BxHxQxK[..., :size]
+    b, lq, g, r, k = qg.shape
+    s = key.shape[1]
+    logits = jnp.einsum("bqgrk,bsgk->bgrqs", qg, key).astype(jnp.float32)
+    logits = logits.reshape(b, g * r, lq, s)
+    if bias_BxHxQxK is not None:
+      logits = logits + bias_BxHxQxK.astype(jnp.float32)
+    logits = jnp.where(mask_BxQxK[:, None, :, :], logits, NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    if self.dropout_rate > 0 and not deterministic:
+      probs = nn.Dropout(self.dropout_rate)(probs, deterministic=False)
+    probs = probs.reshape(b, g, r, lq, s)
+    return jnp.einsum("bgrqs,bsgk->bqgrk", probs, value).reshape(b, lq, g * r, k)
+
+
+def cache_buckets(max_len: int, smallest: int) -> tuple[int, ...]:
+  """Attention spans of bucketed decoding: ``smallest``, doubling, up to ``max_len`` (which is
+  always last); ``(max_len,)`` when bucketing is off (``smallest <= 0``) or cannot help."""
+  if smallest <= 0 or smallest >= max_len:
+    return (max_len,)
+  sizes, n = [], smallest
+  while n < max_len:
+    sizes.append(n)
+    n *= 2
+  return tuple(sizes) + (max_len,)
 
 
 class MLP(nn.Module):

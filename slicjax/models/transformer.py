@@ -60,6 +60,9 @@ class TransformerConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False
+  # Decoding attends over the smallest of cache_bucket, 2 * cache_bucket, ... slots that holds
+  # the filled cache, not the whole max_len buffer; 0 = always the whole buffer.
+  cache_bucket: int = 64
   decoder_start_id: int = 2  # BOS; T5 checkpoints use 0
 
   @classmethod
@@ -111,7 +114,8 @@ class Block(nn.Module):
         num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, dtype=dt,
         param_dtype=pdt, use_rope=(cfg.position == "rope" and name == "self_attention"),
         rope_theta=cfg.rope_theta, scale_queries=cfg.scale_queries, use_bias=cfg.use_bias,
-        qkv_bias=cfg.qkv_bias, dropout_rate=cfg.dropout_rate, max_len=cfg.max_len, name=name,
+        qkv_bias=cfg.qkv_bias, dropout_rate=cfg.dropout_rate, max_len=cfg.max_len,
+        cache_bucket=cfg.cache_bucket, name=name,
       )
 
     def dropout(y):

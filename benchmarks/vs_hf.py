@@ -103,12 +103,12 @@ def make_cases(args, hf, path):
 
   def hf_decode(inputs, new, beams=1):
     x = torch.tensor(inputs, dtype=torch.long)
+    beam_opts = dict(num_beams=beams, length_penalty=0.0, early_stopping=False) if beams > 1 else {}
 
     def run():
       with torch.no_grad():
         hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new,
-                    do_sample=False, num_beams=beams, length_penalty=0.0, eos_token_id=None,
-                    pad_token_id=0, early_stopping=False)
+                    do_sample=False, eos_token_id=None, pad_token_id=0, **beam_opts)
 
     return run
 

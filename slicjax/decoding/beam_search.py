@@ -42,7 +42,6 @@ import jax.numpy as jnp
 from slicjax.decoding import sampling, types
 from slicjax.decoding.types import BeamState, DecodeResult
 
-
 LENGTH_PENALTIES = ("gnmt", "power")
 
 
@@ -125,8 +124,11 @@ def _search(
   diversity_strength: float,
   length_style: str = "gnmt",
   finish_top_2k: bool = False,
+  reorder_cache=None,
 ) -> DecodeResult:
   b = init_tokens_B.shape[0]
+  if reorder_cache is None:
+    reorder_cache = lambda c, idx: jax.tree.map(lambda x: jnp.take(x, idx, axis=0), c)
   k, g_count = beam_size, num_groups
   kg = k // g_count
   f32 = jnp.float32
@@ -224,7 +226,7 @@ def _search(
     new_alive_toks = cat(alive_toks)
     tok_BxK = jax.lax.dynamic_slice_in_dim(new_alive_toks, t, 1, axis=2)[:, :, 0]
     flat_BK = (jnp.arange(b)[:, None] * k + cat(beam_idx)).reshape(-1)
-    new_cache = jax.tree.map(lambda x: jnp.take(x, flat_BK, axis=0), new_cache)
+    new_cache = reorder_cache(new_cache, flat_BK)
     # Done: full finished set that no alive beam can still beat.
     worst_BxG = jnp.min(fin_scores.reshape(b, g_count, kg), axis=-1)
     bound_BxG = jnp.max(new_alive_logp.reshape(b, g_count, kg), axis=-1) / lp_max
@@ -271,6 +273,7 @@ def beam_search(
   no_repeat_ngram_size: int = 0,
   length_penalty_style: str = "gnmt",
   finish_top_2k: bool = False,
+  reorder_cache=None,
 ) -> DecodeResult:
   """Beam search returning all ``beam_size`` finished hypotheses per input, best first.
 
@@ -292,6 +295,8 @@ def beam_search(
     finish_top_2k: T5X-style finishing: a hypothesis ending in EOS is kept when it ranks among
       the top ``2K`` candidates of its step, not only among the top ``K`` (the alive beams are
       the same either way).
+    reorder_cache: ``(cache, idx_BK) -> cache`` equal to ``jnp.take(leaf, idx_BK, axis=0)`` on
+      every leaf (the default), e.g. a model's cheaper gather of only its filled slots.
 
   Returns:
     :class:`DecodeResult`: ``scores_BxK`` (descending) are length-penalized, ``logp_BxK`` raw.
@@ -322,6 +327,7 @@ def beam_search(
     no_repeat_ngram_size=no_repeat_ngram_size,
     length_style=length_penalty_style,
     finish_top_2k=bool(finish_top_2k),
+    reorder_cache=reorder_cache,
     diversity_strength=0.0,
   )
 
@@ -342,6 +348,7 @@ def diverse_beam_search(
   no_repeat_ngram_size: int = 0,
   length_penalty_style: str = "gnmt",
   finish_top_2k: bool = False,
+  reorder_cache=None,
 ) -> DecodeResult:
   """Diverse beam search: ``num_groups`` groups of ``beam_size // num_groups`` beams.
 
@@ -389,5 +396,6 @@ def diverse_beam_search(
     no_repeat_ngram_size=no_repeat_ngram_size,
     length_style=length_penalty_style,
     finish_top_2k=bool(finish_top_2k),
+    reorder_cache=reorder_cache,
     diversity_strength=float(diversity_strength),
   )

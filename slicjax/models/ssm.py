@@ -14,7 +14,9 @@ scoring and decoding treat both alike)::
   ``tokens_BxL`` continues each row's sequence (``L = 1``: one O(1) recurrent step; ``L > 1``:
   prefill by associative scan). ``SSMLM(config).init(rng, tokens_BxL, decode=True)["cache"]`` is a
   zero cache whose size does not depend on length; every leaf is batch-leading. In decode mode
-  ``segment_ids_BxL`` is ignored (each row is one continuing sequence).
+  ``segment_ids_BxL`` (optional) marks each row's real tokens: where it is 0 (a ragged prompt's
+  trailing padding) the state and the convolution cache hold, so ``prefill`` runs a batch of
+  prompts of different lengths in one scan.
 
 Each residual block (pre-RMSNorm) is Mamba-shaped: ``x -> in_proj`` and ``x -> gate_proj`` (both
 ``D -> E = expand * D``), a short causal depthwise convolution and SiLU on the first branch, the
@@ -179,6 +181,9 @@ class SSMBlock(nn.Module):
     u = constrain(_dense(cfg, e, ("embed", "mlp"), "in_proj")(h), _MLP_AXES)
     gate = constrain(_dense(cfg, e, ("embed", "mlp"), "gate_proj")(h), _MLP_AXES)
     seg = None if self.decode else segment_ids_BxL
+    # Decode prefill of a ragged batch: segment ids mark each row's real tokens (trailing 0s are
+    # padding), so states and the convolution cache stop at the row's last real token.
+    valid = segment_ids_BxL if self.decode else None
     k = cfg.conv_width
     if k > 0:
       kernel = self.param(
@@ -198,11 +203,17 @@ class SSMBlock(nn.Module):
           "cache", "conv_state", jnp.zeros, (u.shape[0], k - 1, e), jnp.float32
         )
         prefix = conv_cache.value
+      u_in = u
       u, new_prefix = ssm_layers.causal_depthwise_conv(u, kernel, bias, prefix, seg)
       if self.decode and not is_init:
+        if valid is not None:  # the k - 1 inputs ending at each row's last real token
+          xp = jnp.concatenate([prefix.astype(u_in.dtype), u_in], axis=1)
+          n_B = jnp.sum((valid != 0).astype(jnp.int32), axis=1)
+          idx = n_B[:, None] + jnp.arange(k - 1)[None, :]
+          new_prefix = jnp.take_along_axis(xp, idx[:, :, None], axis=1)
         conv_cache.value = new_prefix.astype(jnp.float32)
     u = nn.silu(u)
-    y = make_ssm(cfg)(u, seg, decode=self.decode).astype(dt)
+    y = make_ssm(cfg)(u, valid if self.decode else seg, decode=self.decode).astype(dt)
     y = constrain(y * nn.silu(gate), _MLP_AXES)
     out = _dense(cfg, x_BxLxD.shape[-1], ("mlp", "embed"), "out_proj")(y)
     if cfg.dropout > 0 and not self.deterministic:
@@ -251,6 +262,16 @@ class SSMLM(nn.Module):
     logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
     logits = logits.astype(jnp.float32)
     return (logits, h) if return_hidden else logits
+
+  # Decoding adapters may compute a whole prompt's recurrent state with one call of ``prefill``.
+  parallel_prefill = True
+
+  def prefill(self, tokens_BxL, valid_BxL=None):
+    """Advances the decoding cache over ``tokens_BxL`` in one associative scan. ``valid_BxL``
+    marks each row's real tokens (a prefix of the row); states and convolution caches stop at
+    a row's last real token."""
+    seg = None if valid_BxL is None else valid_BxL.astype(jnp.int32)
+    self(tokens_BxL, segment_ids_BxL=seg, decode=True)
 
 
 def init_cache(config: SSMConfig, batch_size: int, rng=None):

@@ -182,6 +182,14 @@ def _states(a, b, mode: str, x0=None, resets_BxL=None):
   return linear_scan(a, b, x0)
 
 
+def _decode_hold(segment_ids_BxL, decode: bool):
+  """Decode mode: where the state holds (padding, ``segment_ids == 0``, in a ragged prefill);
+  None when no segment ids are given."""
+  if not decode or segment_ids_BxL is None:
+    return None
+  return segment_ids_BxL == 0
+
+
 def causal_depthwise_conv(x_BxLxE, kernel_KxE, bias_E, prefix_BxK1xE=None, segment_ids_BxL=None):
   """Short causal depthwise convolution (Mamba): ``y_t = bias + sum_j w_j x_{t-(K-1)+j}``.
 
@@ -283,8 +291,12 @@ class _DiagonalSSM(nn.Module):
         f"unknown discretization {self.discretization!r}; use one of {DISCRETIZATIONS}."
       )
 
-  def _run(self, a, b, decode: bool, resets_BxL, mode: str):
-    """States for all positions; in decode mode starts from and updates the cached state."""
+  def _run(self, a, b, decode: bool, resets_BxL, mode: str, hold_BxL=None):
+    """States for all positions; in decode mode starts from and updates the cached state.
+
+    ``hold_BxL`` (decode prefill only): True at a row's trailing padding, where the state is
+    carried unchanged (``a = 1, b = 0``), so the cached state is the one after the row's last
+    real token; a ragged batch of prompts is prefilled in one scan."""
     if not decode:
       return _states(a, b, mode, None, resets_BxL)
     state_shape = b.shape[:1] + b.shape[2:]
@@ -294,6 +306,11 @@ class _DiagonalSSM(nn.Module):
     x0 = cache.value
     if self.is_complex:
       x0 = jax.lax.complex(x0[..., 0], x0[..., 1])
+    if hold_BxL is not None:
+      a = jnp.broadcast_to(a, b.shape)
+      hold = _expand_to(hold_BxL, a.ndim)
+      a = jnp.where(hold, jnp.ones((), a.dtype), a)
+      b = jnp.where(hold, jnp.zeros((), b.dtype), b)
     if b.shape[1] == 1:  # one recurrent step, O(1) per token
       xs = (jnp.broadcast_to(a, b.shape)[:, 0] * x0 + b[:, 0])[:, None]
     else:
@@ -326,10 +343,11 @@ class S4D(_DiagonalSSM):
     skip = u * d_H[None, None, :]
     length = u.shape[1]
     resets = None if segment_ids_BxL is None or decode else segment_starts(segment_ids_BxL)
+    hold = _decode_hold(segment_ids_BxL, decode)
 
     def by_scan(u, mode="scan"):
       b = bbar_HxM[None, None] * u[:, :, :, None].astype(bbar_HxM.dtype)
-      xs = self._run(abar_HxM[None, None], b, decode, resets, mode)
+      xs = self._run(abar_HxM[None, None], b, decode, resets, mode, hold)
       return self.scale * jnp.real(jnp.einsum("blhm,hm->blh", xs, c_HxM))
 
     def by_conv(u):
@@ -369,10 +387,11 @@ class S5(_DiagonalSSM):
     skip = u * d_H[None, None, :]
     length = u.shape[1]
     resets = None if segment_ids_BxL is None or decode else segment_starts(segment_ids_BxL)
+    hold = _decode_hold(segment_ids_BxL, decode)
 
     def by_scan(u, mode="scan"):
       b_BxLxP = jnp.einsum("blh,ph->blp", u.astype(bbar_PxH.dtype), bbar_PxH)
-      xs = self._run(abar_P[None, None], b_BxLxP, decode, resets, mode)
+      xs = self._run(abar_P[None, None], b_BxLxP, decode, resets, mode, hold)
       return self.scale * jnp.real(jnp.einsum("blp,hp->blh", xs, c_HxP))
 
     def by_conv(u):
@@ -457,7 +476,8 @@ class Selective(_DiagonalSSM):
     )
     bu = bbar * u[..., None].astype(bbar.dtype)
     resets = None if segment_ids_BxL is None or decode else segment_starts(segment_ids_BxL)
+    hold = _decode_hold(segment_ids_BxL, decode)
     mode = "recurrent" if self.mode == "recurrent" and not decode else "scan"
-    xs = self._run(abar, bu, decode, resets, mode)
+    xs = self._run(abar, bu, decode, resets, mode, hold)
     y = self.scale * jnp.real(jnp.einsum("blhm,blm->blh", xs, c_BxLxM))
     return y + u * d_H[None, None, :]

@@ -296,12 +296,13 @@ class TransformerLM(nn.Module):
   # Decoding adapters may write a whole prompt's KV cache with one call of ``prefill``.
   parallel_prefill = True
 
-  def prefill(self, tokens_BxL):
+  def prefill(self, tokens_BxL, valid_BxL=None):
     """Writes the KV cache of ``tokens_BxL`` in one pass (decode mode), computing no logits.
 
-    Every row advances by ``L`` slots; a caller with ragged prompts resets each row's
-    ``position`` / ``cache_index`` to its own length afterwards (slots past it are masked until
-    decoding overwrites them)."""
+    Every row advances by ``L`` slots (``valid_BxL`` is not needed): a caller with ragged
+    prompts resets each row's ``position`` / ``cache_index`` to its own length afterwards (slots
+    past it are masked until decoding overwrites them)."""
+    del valid_BxL
     seg = jnp.ones(tokens_BxL.shape, jnp.int32)
     self.decoder(tokens_BxL, _default_positions(seg), seg, decode=True)
 

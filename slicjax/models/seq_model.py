@@ -152,10 +152,60 @@ class PrefixLM(SeqModel):
   # Write the prompt's cache in one forward pass when the module can (transformers); False
   # forces the one-token-at-a-time prefill every module supports.
   parallel_prefill: bool = True
+  # candidate_logits runs each prompt once and the K candidates over its cache (decode-mode
+  # forward) instead of K full copies of prompt + candidate; False forces the copies.
+  shared_prefix_scoring: bool = True
 
   @property
   def _sep(self) -> int:
     return 0 if self.separator_id is None else 1
+
+  def candidate_logits(
+    self, params, inputs_BxS, candidates_BxKxL, *, return_hidden=False, deterministic=True,
+    rngs=None,
+  ):
+    """Teacher-forced logits of K candidates per input, ``[B, K, L, V]`` (states ``[B,K,L,D]``).
+
+    Shared prefix: the prompt is prefilled once per input (``decode_state``), its cache repeated
+    K times, and the candidates run as one decode-mode forward of L tokens over it: ``B*S +
+    B*K*L`` token positions instead of ``B*K*(S+L)``. Falls back to the copies for modules
+    without ``prefill``, with active dropout, or with learned positions."""
+    b, k, length = candidates_BxKxL.shape
+    module = self.module
+    field = "cfg" if hasattr(module, "cfg") else "config"
+    cfg = getattr(module, field, None)
+    rate = float(getattr(cfg, "dropout_rate", getattr(cfg, "dropout", 0.0)) or 0.0)
+    shared = (
+      self.shared_prefix_scoring and self.parallel_prefill
+      and getattr(type(module), "parallel_prefill", False) and (deterministic or rate == 0.0)
+      and getattr(cfg, "position", "rope") != "learned"
+    )
+    if not shared:
+      return super().candidate_logits(
+        params, inputs_BxS, candidates_BxKxL, return_hidden=return_hidden,
+        deterministic=deterministic, rngs=rngs,
+      )
+    need = inputs_BxS.shape[1] + self._sep + length
+    _check_len(need, self.max_len, f"scoring (inputs {inputs_BxS.shape[1]} + candidates)")
+    small = self
+    if dataclasses.is_dataclass(cfg) and hasattr(cfg, "max_len"):  # a cache of `need` slots
+      small = dataclasses.replace(
+        self, module=module.clone(**{field: dataclasses.replace(cfg, max_len=need)}),
+        max_len=need,
+      )
+    _, first_B, cache = small.decode_state(params, inputs_BxS, length)
+    cache = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), cache)
+    cands = candidates_BxKxL.reshape(b * k, length)
+    tokens = jnp.concatenate([jnp.repeat(first_B, k)[:, None], cands[:, :-1]], axis=1)
+    out, _ = small.module.apply(
+      {"params": params, "cache": cache}, tokens, decode=True, deterministic=deterministic,
+      return_hidden=return_hidden, mutable=["cache"], **({"rngs": rngs} if rngs else {}),
+    )
+    logits, hidden = out if return_hidden else (out, None)
+    logits = logits.reshape(b, k, length, -1)
+    if hidden is not None:
+      hidden = hidden.reshape(b, k, length, -1)
+    return logits, hidden
 
   def init_fn(self, batch_size: int = 1, input_len: int = 8, target_len: int = 8):
     tokens = jnp.zeros((batch_size, input_len + 1 + target_len), jnp.int32)

@@ -246,9 +246,13 @@ class Attention(nn.Module):
       # holding every written entry (slots past a row's index are masked, so the result is the
       # same as over the whole buffer); lax.switch runs only the chosen bucket's branch.
       filled = jnp.max(ci.value)
-      branches = [functools.partial(self._attend, size=n) for n in sizes]
-      which = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), filled, side="left")
-      out = jax.lax.switch(which, branches, qg, key, value, mask_BxQxK, bias_BxHxQxK)
+      if isinstance(filled, jax.core.Tracer):
+        branches = [functools.partial(self._attend, size=n) for n in sizes]
+        which = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), filled, side="left")
+        out = jax.lax.switch(which, branches, qg, key, value, mask_BxQxK, bias_BxHxQxK)
+      else:  # eager: the size is known, no conditional needed
+        n = next((m for m in sizes if m >= int(filled)), sizes[-1])
+        out = self._attend(qg, key, value, mask_BxQxK, bias_BxHxQxK, size=n)
     else:
       out = self._attend(qg, key, value, mask_BxQxK, bias_BxHxQxK, deterministic=deterministic)
     return nn.DenseGeneral(

@@ -124,8 +124,11 @@ def reorder_kv_cache(cache, idx, max_len: int, bucket: int):
   def branch(n):
     return lambda leaves: [x.at[:, :n].set(take(x[:, :n])) for x in leaves]
 
-  which = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), filled, side="left")
-  kv = iter(jax.lax.switch(which, [branch(n) for n in sizes], kv))
+  if isinstance(filled, jax.core.Tracer):
+    which = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), filled, side="left")
+    kv = iter(jax.lax.switch(which, [branch(n) for n in sizes], kv))
+  else:  # eager: the size is known, no conditional needed
+    kv = iter(branch(next((m for m in sizes if m >= int(filled)), sizes[-1]))(kv))
   out = [next(kv) if kv_leaf else take(x) for kv_leaf, (_, x) in zip(is_kv, flat)]
   return jax.tree_util.tree_unflatten(treedef, out)
 

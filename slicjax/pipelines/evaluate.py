@@ -8,6 +8,7 @@ import json
 import os
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -107,6 +108,7 @@ def calibration_report(models: dict[str, Any], model, data, c, decoder_params):
   max_len = c["max_len"] or data.target_len
   out = {name: [] for name in models}
   sims = []
+  score = jax.jit(lambda p, x, y: scoring.score_candidates(model, p, x, y)["logp"])
   for n, batch in _batches(examples, c["batch_size"], data.input_len, data.target_len):
     inputs = jnp.asarray(batch["inputs"])
     res = decoding_api.decode(model, decoder_params, inputs, method="beam", max_len=max_len,
@@ -119,7 +121,7 @@ def calibration_report(models: dict[str, Any], model, data, c, decoder_params):
     sims.append(np.mean([np.asarray(r[t]) for t in ("rouge1", "rouge2", "rougeL")], 0)
                 .reshape(n, k))
     for name, params in models.items():
-      lp = scoring.score_candidates(model, params, inputs, jnp.asarray(cands))["logp"]
+      lp = score(params, inputs, jnp.asarray(cands))
       out[name].append(np.asarray(lp)[:n])
   sim = np.concatenate(sims)
   mask = np.ones_like(sim)

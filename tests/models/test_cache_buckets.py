@@ -72,7 +72,10 @@ def test_reorder_kv_cache_equals_take_on_filled_slots():
   }
   cache = jax.tree.map(jnp.asarray, cache)
   idx = jnp.array([3, 3, 0, 5, 1, 2], jnp.int32)
-  got = jax.jit(lambda c: reorder_kv_cache(c, idx, 40, 4))(cache)
+  got = jax.jit(lambda c: reorder_kv_cache(c, idx, 40, 4))(cache)  # traced: lax.switch
+  eager = reorder_kv_cache(cache, idx, 40, 4)  # concrete fill: the bucket is picked in Python
+  for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(eager)):
+    np.testing.assert_array_equal(g, e)
   want = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), cache)
   for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
     if g.ndim > 1:  # the 16-slot bucket holds every filled slot (max index 9)

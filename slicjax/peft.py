@@ -308,13 +308,6 @@ class LoRAModel(SeqModel):
   def decode_state(self, params, inputs_BxS, max_len: int):
     return self.inner.decode_state(self.merged_params(params), inputs_BxS, max_len)
 
-  def reorder_cache(self, cache, idx_BK):
-    """The inner model's beam-search cache reorder (it takes no params)."""
-    inner = getattr(self.inner, "reorder_cache", None)
-    if inner is None:
-      return jax.tree.map(lambda x: jnp.take(x, idx_BK, axis=0), cache)
-    return inner(cache, idx_BK)
-
   def _call_merged(self, name, params, *args, **kwargs):
     return getattr(self.inner, name)(self.merged_params(params), *args, **kwargs)
 

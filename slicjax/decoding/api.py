@@ -70,15 +70,10 @@ def _check_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
 def _build(model, method: str, max_len: int, options: dict[str, Any]):
   def run(params, inputs, rng, example_ids) -> DecodeResult:
     step, init_tokens_B, cache = model.decode_state(params, inputs, max_len)
-    reorder = getattr(model, "reorder_cache", None)
     if method == "beam":
-      return beam_search.beam_search(
-        step, init_tokens_B, cache, max_len=max_len, reorder_cache=reorder, **options
-      )
+      return beam_search.beam_search(step, init_tokens_B, cache, max_len=max_len, **options)
     if method == "diverse_beam":
-      return beam_search.diverse_beam_search(
-        step, init_tokens_B, cache, max_len=max_len, reorder_cache=reorder, **options
-      )
+      return beam_search.diverse_beam_search(step, init_tokens_B, cache, max_len=max_len, **options)
     if method == "greedy":
       return sampling.greedy_search(step, init_tokens_B, cache, max_len=max_len, **options)
     return sampling.sample(

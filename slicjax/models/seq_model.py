@@ -98,41 +98,6 @@ def _set_cache_position(cache, n_B):
   return jax.tree_util.tree_map_with_path(fix, cache)
 
 
-_KV_LEAVES = ("cached_key", "cached_value")
-
-
-def reorder_kv_cache(cache, idx, max_len: int, bucket: int):
-  """``jnp.take(leaf, idx, axis=0)`` for every cache leaf (beam search's reorder), touching only
-  the filled slots of KV buffers: keys/values ``[B, max_len, ...]`` are gathered over the
-  smallest bucket of slots (``layers.cache_buckets``) holding every row's ``cache_index``
-  entries. Slots past a row's index are masked until they are written, so what stays there is
-  never read."""
-  from slicjax.models import layers
-
-  take = lambda x: jnp.take(x, idx, axis=0)
-  sizes = layers.cache_buckets(max_len, bucket)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(cache)
-  names = [getattr(path[-1], "key", None) for path, _ in flat]
-  index_leaves = [x for n, (_, x) in zip(names, flat) if n == "cache_index"]
-  is_kv = [n in _KV_LEAVES and x.ndim >= 2 and x.shape[1] == max_len for n, (_, x) in
-           zip(names, flat)]
-  if len(sizes) == 1 or not index_leaves or not any(is_kv):
-    return jax.tree.map(take, cache)
-  filled = jnp.max(jnp.stack([jnp.max(x) for x in index_leaves]))
-  kv = [x for kv_leaf, (_, x) in zip(is_kv, flat) if kv_leaf]
-
-  def branch(n):
-    return lambda leaves: [x.at[:, :n].set(take(x[:, :n])) for x in leaves]
-
-  if isinstance(filled, jax.core.Tracer):
-    which = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), filled, side="left")
-    kv = iter(jax.lax.switch(which, [branch(n) for n in sizes], kv))
-  else:  # eager: the size is known, no conditional needed
-    kv = iter(branch(next((m for m in sizes if m >= int(filled)), sizes[-1]))(kv))
-  out = [next(kv) if kv_leaf else take(x) for kv_leaf, (_, x) in zip(is_kv, flat)]
-  return jax.tree_util.tree_unflatten(treedef, out)
-
-
 def _check_len(total: int, max_len: int, what: str):
   if total > max_len:
     raise ValueError(
@@ -307,10 +272,6 @@ class PrefixLM(SeqModel):
       first_B = jnp.take_along_axis(inputs_BxS, n_B[:, None], axis=1)[:, 0]
     return step, first_B, cache
 
-  def reorder_cache(self, cache, idx_BK):
-    """Beam search's cache reorder, over the filled KV slots only (see reorder_kv_cache)."""
-    bucket = getattr(getattr(self.module, "cfg", None), "cache_bucket", 0)
-    return reorder_kv_cache(cache, idx_BK, self.max_len, bucket)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -59,27 +59,3 @@ def test_bucketed_step_logits_equal_teacher_forcing():
     np.testing.assert_allclose(logits[0], full[t], atol=2e-5, err_msg=f"position {t}")
     tok = jnp.array([seq[t + 1]], jnp.int32)
 
-
-def test_reorder_kv_cache_equals_take_on_filled_slots():
-  from slicjax.models.seq_model import reorder_kv_cache
-
-  r = np.random.default_rng(0)
-  cache = {
-    "layer_0": {"cached_key": r.normal(size=(6, 40, 2, 3)).astype(np.float32),
-                "cached_value": r.normal(size=(6, 40, 2, 3)).astype(np.float32),
-                "cache_index": np.array([5, 9, 7, 9, 2, 3], np.int32)},
-    "position": np.array([5, 9, 7, 9, 2, 3], np.int32),
-  }
-  cache = jax.tree.map(jnp.asarray, cache)
-  idx = jnp.array([3, 3, 0, 5, 1, 2], jnp.int32)
-  got = jax.jit(lambda c: reorder_kv_cache(c, idx, 40, 4))(cache)  # traced: lax.switch
-  eager = reorder_kv_cache(cache, idx, 40, 4)  # concrete fill: the bucket is picked in Python
-  for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(eager)):
-    np.testing.assert_array_equal(g, e)
-  want = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), cache)
-  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
-    if g.ndim > 1:  # the 16-slot bucket holds every filled slot (max index 9)
-      np.testing.assert_array_equal(g[:, :9], w[:, :9], err_msg=str(path))
-      assert not np.array_equal(g, w)  # slots past the bucket were left alone
-    else:
-      np.testing.assert_array_equal(g, w, err_msg=str(path))

@@ -124,11 +124,8 @@ def _search(
   diversity_strength: float,
   length_style: str = "gnmt",
   finish_top_2k: bool = False,
-  reorder_cache=None,
 ) -> DecodeResult:
   b = init_tokens_B.shape[0]
-  if reorder_cache is None:
-    reorder_cache = lambda c, idx: jax.tree.map(lambda x: jnp.take(x, idx, axis=0), c)
   k, g_count = beam_size, num_groups
   kg = k // g_count
   f32 = jnp.float32
@@ -226,7 +223,7 @@ def _search(
     new_alive_toks = cat(alive_toks)
     tok_BxK = jax.lax.dynamic_slice_in_dim(new_alive_toks, t, 1, axis=2)[:, :, 0]
     flat_BK = (jnp.arange(b)[:, None] * k + cat(beam_idx)).reshape(-1)
-    new_cache = reorder_cache(new_cache, flat_BK)
+    new_cache = jax.tree.map(lambda x: jnp.take(x, flat_BK, axis=0), new_cache)
     # Done: full finished set that no alive beam can still beat.
     worst_BxG = jnp.min(fin_scores.reshape(b, g_count, kg), axis=-1)
     bound_BxG = jnp.max(new_alive_logp.reshape(b, g_count, kg), axis=-1) / lp_max
@@ -273,7 +270,6 @@ def beam_search(
   no_repeat_ngram_size: int = 0,
   length_penalty_style: str = "gnmt",
   finish_top_2k: bool = False,
-  reorder_cache=None,
 ) -> DecodeResult:
   """Beam search returning all ``beam_size`` finished hypotheses per input, best first.
 
@@ -295,10 +291,6 @@ def beam_search(
     finish_top_2k: T5X-style finishing: a hypothesis ending in EOS is kept when it ranks among
       the top ``2K`` candidates of its step, not only among the top ``K`` (the alive beams are
       the same either way).
-    reorder_cache: ``(cache, idx_BK) -> cache`` equal to ``jnp.take(leaf, idx_BK, axis=0)`` on
-      every leaf (the default). A bucketed gather of only the filled KV slots through
-      ``lax.switch`` was measured slower on CPU (its branches copy the cache), so no model
-      passes one today.
 
   Returns:
     :class:`DecodeResult`: ``scores_BxK`` (descending) are length-penalized, ``logp_BxK`` raw.
@@ -329,7 +321,6 @@ def beam_search(
     no_repeat_ngram_size=no_repeat_ngram_size,
     length_style=length_penalty_style,
     finish_top_2k=bool(finish_top_2k),
-    reorder_cache=reorder_cache,
     diversity_strength=0.0,
   )
 
@@ -350,7 +341,6 @@ def diverse_beam_search(
   no_repeat_ngram_size: int = 0,
   length_penalty_style: str = "gnmt",
   finish_top_2k: bool = False,
-  reorder_cache=None,
 ) -> DecodeResult:
   """Diverse beam search: ``num_groups`` groups of ``beam_size // num_groups`` beams.
 
@@ -398,6 +388,5 @@ def diverse_beam_search(
     no_repeat_ngram_size=no_repeat_ngram_size,
     length_style=length_penalty_style,
     finish_top_2k=bool(finish_top_2k),
-    reorder_cache=reorder_cache,
     diversity_strength=float(diversity_strength),
   )

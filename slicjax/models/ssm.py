@@ -203,14 +203,10 @@ class SSMBlock(nn.Module):
           "cache", "conv_state", jnp.zeros, (u.shape[0], k - 1, e), jnp.float32
         )
         prefix = conv_cache.value
-      u_in = u
-      u, new_prefix = ssm_layers.causal_depthwise_conv(u, kernel, bias, prefix, seg)
+      # a ragged prefill keeps the k - 1 inputs ending at each row's last real token
+      n_B = None if valid is None else jnp.sum((valid != 0).astype(jnp.int32), axis=1)
+      u, new_prefix = ssm_layers.causal_depthwise_conv(u, kernel, bias, prefix, seg, n_B)
       if self.decode and not is_init:
-        if valid is not None:  # the k - 1 inputs ending at each row's last real token
-          xp = jnp.concatenate([prefix.astype(u_in.dtype), u_in], axis=1)
-          n_B = jnp.sum((valid != 0).astype(jnp.int32), axis=1)
-          idx = n_B[:, None] + jnp.arange(k - 1)[None, :]
-          new_prefix = jnp.take_along_axis(xp, idx[:, :, None], axis=1)
         conv_cache.value = new_prefix.astype(jnp.float32)
     u = nn.silu(u)
     y = make_ssm(cfg)(u, valid if self.decode else seg, decode=self.decode).astype(dt)

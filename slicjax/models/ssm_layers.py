@@ -190,12 +190,15 @@ def _decode_hold(segment_ids_BxL, decode: bool):
   return segment_ids_BxL == 0
 
 
-def causal_depthwise_conv(x_BxLxE, kernel_KxE, bias_E, prefix_BxK1xE=None, segment_ids_BxL=None):
+def causal_depthwise_conv(
+  x_BxLxE, kernel_KxE, bias_E, prefix_BxK1xE=None, segment_ids_BxL=None, lengths_B=None
+):
   """Short causal depthwise convolution (Mamba): ``y_t = bias + sum_j w_j x_{t-(K-1)+j}``.
 
   ``prefix_BxK1xE`` holds the ``K - 1`` inputs before ``x`` (decoding cache; zeros otherwise).
   With ``segment_ids_BxL``, taps reaching into another segment are dropped. Returns
-  ``(y_BxLxE, new_prefix_BxK1xE)``.
+  ``(y_BxLxE, new_prefix_BxK1xE)``: the ``K - 1`` inputs ending at position ``L - 1``, or at
+  each row's ``lengths_B - 1`` when given (a ragged prefill whose rows end early).
   """
   b, length, e = x_BxLxE.shape
   k = kernel_KxE.shape[0]
@@ -211,6 +214,9 @@ def causal_depthwise_conv(x_BxLxE, kernel_KxE, bias_E, prefix_BxK1xE=None, segme
       same = seg_p[:, j : j + length] == segment_ids_BxL
       tap = jnp.where(same[:, :, None], tap, jnp.zeros((), tap.dtype))
     y = y + tap
+  if lengths_B is not None:
+    idx_BxK1 = lengths_B[:, None] + jnp.arange(k - 1)[None, :]
+    return y, jnp.take_along_axis(xp, idx_BxK1[:, :, None], axis=1)
   return y, xp[:, xp.shape[1] - (k - 1) :]
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import base64
 import os
+import shutil
+import time
 from typing import Any
 
 import jax
@@ -115,16 +117,34 @@ class Checkpointer:
         failures.append((s, f"{type(e).__name__}: {str(e)[:300]}"))
         continue
       if failures:
+        moved = self._move_aside([f[0] for f in failures])
         logging.warning(
-          "checkpoint step(s) %s in %s could not be restored (%s); resumed from step %d instead.",
-          [f[0] for f in failures], self.directory, failures[0][1], s,
+          "checkpoint step(s) %s in %s could not be restored (%s); resumed from step %d "
+          "instead. The damaged step directories were moved to %s, so those steps are "
+          "written again.", [f[0] for f in failures], self.directory, failures[0][1], s, moved,
         )
-        self._failed_steps = [f[0] for f in failures]
       return restored["state"], _decode_iter_state(restored["data"] or {}), s
     raise CheckpointError(
       f"no checkpoint in {self.directory} could be restored; tried {failures}. Remove the "
       f"damaged step directories or start from a fresh workdir."
     )
+
+  def _move_aside(self, steps: list[int]) -> list[str]:
+    """Moves damaged step directories to ``<directory>.damaged/<step>-<time>`` (process 0),
+    keeping them for inspection, and makes the manager forget them so they are rewritten."""
+    moved = []
+    if jax.process_index() == 0:
+      aside = self.directory + ".damaged"
+      os.makedirs(aside, exist_ok=True)
+      stamp = time.strftime("%Y%m%d-%H%M%S")
+      for step in steps:
+        src = os.path.join(self.directory, str(step))
+        if os.path.isdir(src):
+          dst = os.path.join(aside, f"{step}-{stamp}")
+          shutil.move(src, dst)
+          moved.append(dst)
+    self._manager.reload()
+    return moved
 
   def close(self):
     self._manager.wait_until_finished()
@@ -184,3 +204,44 @@ def load_params(directory: str, step: int | None = None, *, item: str = "params"
       errors.append((s, f"{type(e).__name__}: {str(e)[:200]}"))
   manager.close()
   raise CheckpointError(f"no readable checkpoint in {directory}: {errors}")
+
+
+def param_shapes(directory: str, item: str = "params") -> tuple[dict[str, tuple[int, ...]], int]:
+  """``({path: shape}, step)`` of the newest checkpoint's parameters, read from its metadata
+  only (no array is loaded), so a job can compare them with its model before loading anything.
+
+  Raises:
+    CheckpointError: no checkpoint, or no readable metadata.
+  """
+  directory = os.path.abspath(directory)
+  if os.path.isdir(os.path.join(directory, "checkpoints")):
+    directory = os.path.join(directory, "checkpoints")
+  if not os.path.isdir(directory):
+    raise CheckpointError(
+      f"checkpoint directory {directory} does not exist; point to the workdir of a finished "
+      "training run (it contains checkpoints/<step>/)."
+    )
+  manager = ocp.CheckpointManager(
+    directory,
+    item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()},
+  )
+  try:
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+      raise CheckpointError(f"no checkpoint steps in {directory}; train first.")
+    errors = []
+    for s in steps:
+      try:
+        meta = manager.item_metadata(s)["state"][item]
+      except Exception as e:  # noqa: BLE001 - an unreadable step: try an older one
+        errors.append((s, f"{type(e).__name__}: {str(e)[:200]}"))
+        continue
+      flat = jax.tree_util.tree_flatten_with_path(meta)[0]
+      return {_path_str(p): tuple(m.shape) for p, m in flat}, s
+    raise CheckpointError(f"no readable checkpoint metadata in {directory}: {errors}")
+  finally:
+    manager.close()
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)

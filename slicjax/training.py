@@ -199,19 +199,29 @@ def make_eval_step(loss_fn: LossFn, mesh: Mesh, state_shardings):
 
 
 class MetricWriter:
-  """JSON lines (``metrics.jsonl``) and TensorBoard event files; process 0 writes, others no-op."""
+  """JSON lines (``metrics.jsonl``) and TensorBoard event files; process 0 writes, others no-op.
 
-  def __init__(self, workdir: str, enabled: bool | None = None):
+  ``resume_step``: the step a resumed run continues from. Rows after it (written by the
+  interrupted run for steps that will now be recomputed, e.g. after a fallback past a damaged
+  checkpoint) are dropped from ``metrics.jsonl``, and TensorBoard is told to purge its events
+  after it, so every step appears once.
+  """
+
+  def __init__(self, workdir: str, enabled: bool | None = None, resume_step: int | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._tb = None
     self._f = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
-      self._f = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      path = os.path.join(workdir, "metrics.jsonl")
+      if resume_step is not None and os.path.exists(path):
+        _truncate_metrics(path, resume_step)
+      self._f = open(path, "a")
       try:
         from tensorboardX import SummaryWriter
 
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        purge = None if resume_step is None else int(resume_step) + 1
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
       except ImportError:  # optional
         self._tb = None
 
@@ -230,6 +240,28 @@ class MetricWriter:
       self._f.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def _truncate_metrics(path: str, last_step: int):
+  """Rewrites ``metrics.jsonl`` without the rows after ``last_step`` (atomically)."""
+  with open(path) as f:
+    lines = f.readlines()
+  keep = []
+  for line in lines:
+    try:
+      step = json.loads(line).get("step")
+    except json.JSONDecodeError:  # a line cut by a kill: drop it
+      continue
+    if step is None or int(step) <= last_step:
+      keep.append(line if line.endswith("\n") else line + "\n")
+  if len(keep) == len(lines):
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(keep)
+  os.replace(tmp, path)
+  logging.info("metrics.jsonl: dropped %d row(s) after step %d (recomputed on resume)",
+               len(lines) - len(keep), last_step)
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,7 +330,7 @@ def train(
       train_iter.set_state(it_state)
     logging.info("resumed from step %d in %s", step0, workdir)
   start = int(jax.device_get(state.step))
-  writer = MetricWriter(workdir)
+  writer = MetricWriter(workdir, resume_step=start)
   is_main = jax.process_index() == 0
   bar = None
   if loop.progress and is_main:

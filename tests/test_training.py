@@ -1,5 +1,6 @@
 """Training: sharded step == single-device step, exact kill-and-resume, clear errors."""
 
+import json
 import shutil
 
 import jax
@@ -88,8 +89,31 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path):
 
   ck = checkpoint.Checkpointer(str(tmp_path / "checkpoints"))
   restored, it_state, used = ck.restore(checkpoint.abstract_like(state, sh))
+  # The damaged step is moved aside (kept for inspection) and forgotten, so it is rewritten.
+  assert ck.all_steps() == [3]
   ck.close()
   assert used == 3 and int(restored.step) == 3 and it_state["position"] == 24
+  assert not (tmp_path / "checkpoints" / "6").exists()
+  aside = list((tmp_path / "checkpoints.damaged").iterdir())
+  assert [p.name.split("-")[0] for p in aside] == ["6"]
+  # Resuming recomputes steps 4..6: step 6 is checkpointed again and logged once.
+  _, mesh, state, sh, step = _setup((8, 1, 1))
+  training.train(state=state, state_shardings=sh, train_step=step, train_iter=_iter(), mesh=mesh,
+                 workdir=str(tmp_path), loop=loop)
+  assert (tmp_path / "checkpoints" / "6" / "state").exists()
+  rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl").read().splitlines()]
+  assert [r["step"] for r in rows] == [3, 6]
+
+
+def test_metric_writer_drops_rows_after_resume_step(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("".join(json.dumps(dict(step=s, split="train", loss=1.0)) + "\n"
+                          for s in (2, 4, 6, 8)) + '{"step": 10, "spl')  # last line cut by a kill
+  w = training.MetricWriter(str(tmp_path), enabled=True, resume_step=4)
+  w.write(6, dict(loss=0.5))
+  w.close()
+  rows = [json.loads(x) for x in path.read_text().splitlines()]
+  assert [(r["step"], r["loss"]) for r in rows] == [(2, 1.0), (4, 1.0), (6, 0.5)]
 
 
 def test_non_finite_loss_names_step_and_checkpoint(tmp_path):

@@ -77,7 +77,7 @@ def make_mesh(
       f"{len(axis_names)}; give one size per axis."
     )
   if shape.count(-1) > 1:
-    raise ValueError(f"mesh shape {shape}: at most one entry may be -1.")
+    raise ValueError(f"mesh shape {shape}: at most one entry may be -1; give the other axes explicit sizes.")
   if -1 in shape:
     known = math.prod(s for s in shape if s != -1)
     if n % known:

@@ -47,7 +47,7 @@ class ArrayBatchIterator:
     if not examples:
       raise ValueError("no examples: the dataset is empty; check the data path and split.")
     if batch_size > len(examples):
-      raise ValueError(f"batch_size {batch_size} exceeds the {len(examples)} examples available.")
+      raise ValueError(f"batch_size {batch_size} exceeds the {len(examples)} examples available; lower the batch size or add data.")
     self.examples = examples
     self.batch_size = batch_size
     self.input_len, self.target_len = input_len, target_len
@@ -97,7 +97,7 @@ class ArrayDictIterator:
     if self.n == 0:
       raise ValueError("no rows: the dataset is empty.")
     if batch_size > self.n:
-      raise ValueError(f"batch_size {batch_size} exceeds the {self.n} rows available.")
+      raise ValueError(f"batch_size {batch_size} exceeds the {self.n} rows available; lower the batch size or add data.")
     self.arrays, self.batch_size, self.seed, self.shuffle = arrays, batch_size, seed, shuffle
     self.shard_index, self.shard_count = shard_index, shard_count
     self._pos = 0

@@ -20,7 +20,7 @@ from slicjax import optim, scoring, training
 from slicjax.data import iterators
 from slicjax.losses import calibration, regularizers
 from slicjax.pipelines import candidates as cand_lib
-from slicjax.pipelines import common, tasks
+from slicjax.pipelines import common, tasks, validation
 
 CALIBRATE_KEYS = dict(
   candidates_dir="", finetuned_workdir="", loss="rank", beta=1.0, pairs="random",
@@ -39,6 +39,11 @@ def calibrate_config(config) -> dict[str, Any]:
     raise ValueError(f"calibrate.loss={c['loss']!r}; choose from {LOSSES}.")
   if c["regularizer"] not in REGULARIZERS:
     raise ValueError(f"calibrate.regularizer={c['regularizer']!r}; choose from {REGULARIZERS}.")
+  for k in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+    validation.count(c[k], f"calibrate.{k}")
+  validation.finite(c["beta"], "calibrate.beta",
+                    what="it is the rank/margin scale of the calibration loss")
+  validation.finite(c["reg_weight"], "calibrate.reg_weight", low_inclusive=True)
   return c
 
 
@@ -98,9 +103,14 @@ def slic_loss_fn(model, c: dict[str, Any]):
 
 def run(config, workdir: str, *, params=None, data=None, on_log=None):
   """Calibrates the fine-tuned model on a candidate set. Returns ``(state, model)``."""
+  c = calibrate_config(config)
+  validation.optimizer(config)
+  validation.candidates_dir(c["candidates_dir"], "calibrate.candidates_dir")
+  if params is None:
+    validation.run_dir(c["finetuned_workdir"], "calibrate.finetuned_workdir")
+    validation.model_matches_run(config, c["finetuned_workdir"], "calibrate.finetuned_workdir")
   workdir = common.prepare_workdir(workdir, config)
   common.log_devices()
-  c = calibrate_config(config)
   model = common.model_from(config)
   data = data or tasks.load(config, batch_size=c["batch_size"], seed=c["seed"])
   if params is None:

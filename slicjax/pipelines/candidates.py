@@ -25,11 +25,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from slicjax import scoring, similarity
 from slicjax.data import iterators
 from slicjax.decoding import api as decoding_api
-from slicjax.pipelines import common, tasks
+from slicjax.pipelines import common, tasks, validation
 
 CANDIDATE_KEYS = dict(
   finetuned_workdir="", split="train", num_examples=512, num_candidates=8, method="beam",
@@ -42,7 +43,25 @@ CANDIDATE_KEYS = dict(
 def candidate_config(config) -> dict[str, Any]:
   c = common.to_dict(config.get("candidates"))
   common.check_keys(c, CANDIDATE_KEYS, "candidates")
-  return {**CANDIDATE_KEYS, **c}
+  c = {**CANDIDATE_KEYS, **c}
+  if c["method"] not in decoding_api.METHODS:
+    raise ValueError(
+      f"candidates.method={c['method']!r}; choose from {list(decoding_api.METHODS)}."
+    )
+  validation.count(c["num_candidates"], "candidates.num_candidates")
+  for k in ("batch_size", "chunk_size", "rouge_workers"):
+    validation.count(c[k], f"candidates.{k}")
+  validation.count(c["num_examples"], "candidates.num_examples", minimum=0)
+  validation.count(c["max_len"], "candidates.max_len", minimum=0)
+  if c["method"] == "sample":
+    validation.finite(c["temperature"], "candidates.temperature")
+    validation.finite(c["top_p"], "candidates.top_p", high=1.0)
+  if c["method"] == "diverse_beam" and c["num_candidates"] % c["num_groups"]:
+    raise ValueError(
+      f"candidates.num_candidates={c['num_candidates']} must be a multiple of "
+      f"candidates.num_groups={c['num_groups']} for diverse beam search."
+    )
+  return c
 
 
 def decode_options(c: dict[str, Any]) -> dict[str, Any]:
@@ -105,10 +124,82 @@ def _chunk_path(out_dir: str, c: int) -> str:
   return os.path.join(out_dir, f"chunk-{c:05d}.jsonl")
 
 
+MANIFEST = "manifest.json"
+# Keys that do not change what is written (speed, logging) stay out of the manifest's hash.
+_UNHASHED = ("progress", "batch_size", "rouge_workers", "finetuned_workdir", "sft_workdir",
+             "reward_workdir")
+
+
+def manifest_for(config, section: str, *, num_items: int, per_item: int,
+                 chunk_size: int) -> dict[str, Any]:
+  """What an output directory's chunks were made with: a hash of the config sections that
+  shape them (the job's section, data, model, pretrained), the count per example (K) and the
+  number of examples."""
+  import hashlib
+
+  cfg = common.to_dict(config)
+  shaping = {
+    section: {k: v for k, v in (cfg.get(section) or {}).items() if k not in _UNHASHED},
+    **{k: cfg.get(k) for k in ("data", "model", "pretrained", "lora")},
+  }
+  digest = hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()
+  return dict(kind=section, config_hash=digest[:16], per_example=int(per_item),
+              num_examples=int(num_items), chunk_size=int(chunk_size), config=shaping)
+
+
+def check_manifest(out_dir: str, manifest: dict[str, Any]) -> None:
+  """Writes ``manifest.json`` into a new output directory, or checks that an existing one (a
+  resumed run) was made with the same config; refuses to mix two configs' chunks.
+
+  Raises:
+    ValueError: the directory holds chunks of another config (naming the differing keys).
+  """
+  path = os.path.join(out_dir, MANIFEST)
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    if old.get("config_hash") != manifest["config_hash"] or any(
+      old.get(k) != manifest[k] for k in ("per_example", "num_examples", "chunk_size")
+    ):
+      diffs = _dict_diff(old.get("config", {}), manifest["config"])
+      for k in ("per_example", "num_examples", "chunk_size"):
+        if old.get(k) != manifest[k]:
+          diffs.append(f"{k}: {old.get(k)!r} -> {manifest[k]!r}")
+      raise ValueError(
+        f"{out_dir} holds chunks written with another config ({'; '.join(diffs[:6])}); "
+        "mixing them would give examples different candidate sets. Use a fresh --workdir, "
+        "or delete the directory to regenerate it."
+      )
+    return
+  if glob.glob(os.path.join(out_dir, "chunk-*.jsonl")):
+    logging.warning("%s has chunks but no %s (written before manifests); resuming without "
+                    "the config check.", out_dir, MANIFEST)
+  if jax.process_index() == 0:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(manifest, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def _dict_diff(a, b, prefix="") -> list[str]:
+  out = []
+  for k in sorted(set(a) | set(b)):
+    x, y = a.get(k), b.get(k)
+    if isinstance(x, dict) and isinstance(y, dict):
+      out.extend(_dict_diff(x, y, f"{prefix}{k}."))
+    elif x != y:
+      out.append(f"{prefix}{k}: {x!r} -> {y!r}")
+  return out
+
+
 def generate(config, out_dir: str, *, params=None, model=None, data=None) -> str:
   """Writes the candidate set for ``config.candidates`` into ``out_dir``; returns ``out_dir``."""
   c = candidate_config(config)
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = validation.workdir(out_dir, "--workdir (candidate directory)")
+  if params is None:
+    validation.run_dir(c["finetuned_workdir"], "candidates.finetuned_workdir")
+    if model is None:
+      validation.model_matches_run(config, c["finetuned_workdir"], "candidates.finetuned_workdir")
   model = model or common.model_from(config)
   data = data or tasks.load(config, batch_size=c["batch_size"], seed=c["seed"])
   if params is None:
@@ -118,6 +209,8 @@ def generate(config, out_dir: str, *, params=None, model=None, data=None) -> str
   if n == 0:
     raise ValueError(f"split {c['split']!r} is empty: nothing to generate candidates for.")
   chunk = c["chunk_size"]
+  check_manifest(out_dir, manifest_for(config, "candidates", num_items=n,
+                                       per_item=c["num_candidates"], chunk_size=chunk))
   num_chunks = (n + chunk - 1) // chunk
   mine = [i for i in range(num_chunks) if i % jax.process_count() == jax.process_index()]
   todo = [i for i in mine if not os.path.exists(_chunk_path(out_dir, i))]
@@ -216,6 +309,17 @@ def read_candidates(out_dir: str) -> list[dict[str, Any]]:
         except json.JSONDecodeError as e:
           raise ValueError(f"{path}:{ln}: malformed candidate line ({e}); delete the file and "
                            "rerun generate_candidates to rewrite that chunk.") from e
+  ks = {}
+  for r in rows:
+    if "candidates" in r:
+      ks.setdefault(len(r["candidates"]), r["index"])
+  if len(ks) > 1:
+    raise ValueError(
+      f"{out_dir} mixes candidate sets of different sizes K={sorted(ks)} (e.g. example "
+      f"{min(ks.values())} has K={min(ks, key=ks.get)}, example {max(ks.values())} has "
+      f"K={max(ks, key=ks.get)}): two generate_candidates runs wrote into it. Regenerate it "
+      "into a fresh directory."
+    )
   rows.sort(key=lambda r: r["index"])
   idx = [r["index"] for r in rows]
   if idx != list(range(len(idx))):

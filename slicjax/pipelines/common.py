@@ -193,11 +193,10 @@ def enable_compilation_cache(config=None) -> str | None:
 
 
 def prepare_workdir(workdir: str, config=None) -> str:
+  from slicjax.pipelines import validation
+
   enable_compilation_cache(config)
-  if not workdir:
-    raise ValueError("--workdir is required: a directory for checkpoints, metrics and reports.")
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
+  workdir = validation.workdir(workdir)
   if config is not None and jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(to_dict(config), f, indent=2, default=str)

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from slicjax import optim, sharding, training
-from slicjax.pipelines import common, tasks
+from slicjax.pipelines import common, tasks, validation
 
 TRAIN_KEYS = dict(
   steps=1000, batch_size=32, log_every=50, eval_every=0, eval_batches=4,
@@ -20,7 +20,12 @@ TRAIN_KEYS = dict(
 def train_config(config) -> dict[str, Any]:
   t = common.to_dict(config.get("train"))
   common.check_keys(t, TRAIN_KEYS, "train")
-  return {**TRAIN_KEYS, **t}
+  t = {**TRAIN_KEYS, **t}
+  validation.count(t["steps"], "train.steps")
+  for k in ("batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+    validation.count(t[k], f"train.{k}")
+  validation.count(t["eval_every"], "train.eval_every", minimum=0)
+  return t
 
 
 def make_eval_fn(model, mesh, state_sh, eval_batches):
@@ -42,9 +47,10 @@ def make_eval_fn(model, mesh, state_sh, eval_batches):
 
 def run(config, workdir: str, *, on_log=None):
   """Trains ``config.model`` with MLE on ``config.data``; returns ``(state, model, data)``."""
+  t = train_config(config)
+  validation.optimizer(config)
   workdir = common.prepare_workdir(workdir, config)
   common.log_devices()
-  t = train_config(config)
   mesh = common.make_mesh(config)
   data = tasks.load(config, batch_size=t["batch_size"], seed=t["seed"], mesh=mesh)
   model = common.model_from(config)

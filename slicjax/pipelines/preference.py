@@ -38,7 +38,7 @@ from absl import logging
 from slicjax import optim, scoring, training
 from slicjax.data import iterators
 from slicjax.losses import preference as pref_losses
-from slicjax.pipelines import common, rso, tasks
+from slicjax.pipelines import common, rso, tasks, validation
 from slicjax.train_state import TrainState
 
 PREFERENCE_KEYS = dict(
@@ -75,6 +75,13 @@ def preference_config(config) -> dict[str, Any]:
     raise ValueError(f"preference.pair_source={c['pair_source']!r}; choose from {SOURCES}.")
   if c["ref_logp"] not in REF_LOGP:
     raise ValueError(f"preference.ref_logp={c['ref_logp']!r}; choose from {REF_LOGP}.")
+  for k in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+    validation.count(c[k], f"preference.{k}")
+  validation.finite(c["beta"], "preference.beta",
+                    what="beta scales the policy/reference log-ratio; 0 makes every loss constant")
+  validation.finite(c["reg_weight"], "preference.reg_weight", low_inclusive=True)
+  validation.finite(c["label_smoothing"], "preference.label_smoothing", low_inclusive=True,
+                    high=0.5)
   return c
 
 
@@ -304,9 +311,17 @@ def train_preference(
     ``(state, summary)``: the final train state and the dict of ``preference_summary.json``
     (DPO loss, implicit-reward and policy accuracy on the training pairs before and after).
   """
+  c = preference_config(config)
+  validation.optimizer(config)
+  if params is None:
+    validation.run_dir(c["sft_workdir"], "preference.sft_workdir")
+    if model is None:
+      validation.model_matches_run(config, c["sft_workdir"], "preference.sft_workdir")
+  if pairs is None and c["pair_source"] == "direct":
+    validation.file_or_dir(c["pairs"], "preference.pairs",
+                           "give a pair directory (rso_sample output) or a text pairs .jsonl")
   workdir = common.prepare_workdir(workdir, config)
   common.log_devices()
-  c = preference_config(config)
   model = model or common.model_from(config)
   data = data or tasks.load(config, batch_size=c["batch_size"], seed=c["seed"])
   if params is None:

@@ -34,7 +34,7 @@ from slicjax import checkpoint, optim, training
 from slicjax.data import iterators
 from slicjax.models import reward as reward_models
 from slicjax.models.factory import build_model
-from slicjax.pipelines import common, rso, tasks
+from slicjax.pipelines import common, rso, tasks, validation
 from slicjax.preference import ranking
 
 REWARD_KEYS = dict(
@@ -63,6 +63,8 @@ def reward_config(config) -> dict[str, Any]:
     raise ValueError(f"reward.kind={c['kind']!r}; choose from {KINDS}.")
   if not 0.0 <= c["eval_fraction"] < 1.0:
     raise ValueError(f"reward.eval_fraction must be in [0, 1), got {c['eval_fraction']}.")
+  for k in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+    validation.count(c[k], f"reward.{k}")
   return c
 
 
@@ -287,9 +289,14 @@ def train_reward(config, workdir: str, *, data=None, pairs=None, init_params=Non
   Returns:
     ``(loaded_reward, report)`` with ``report`` the dict written to ``reward_eval.json``.
   """
+  c = reward_config(config)
+  if pairs is None:
+    validation.file_or_dir(c["pairs"], "reward.pairs",
+                           "give a pair directory (rso_sample output) or a text pairs .jsonl")
+  if init_params is None:
+    validation.run_dir(c["init_from"], "reward.init_from")
   workdir = common.prepare_workdir(workdir, config)
   common.log_devices()
-  c = reward_config(config)
   data = data or tasks.load(config, batch_size=c["batch_size"], seed=c["seed"])
   if pairs is None:
     if not c["pairs"]:

@@ -50,7 +50,7 @@ from slicjax import scoring, similarity
 from slicjax.data import iterators
 from slicjax.decoding import api as decoding_api
 from slicjax.pipelines import candidates as cand_lib
-from slicjax.pipelines import common, tasks
+from slicjax.pipelines import common, tasks, validation
 from slicjax.preference import ranking, rejection_sampling
 
 RSO_KEYS = dict(
@@ -101,6 +101,12 @@ def rso_config(config) -> dict[str, Any]:
       f"rso.chunk_size {c['chunk_size']} must be a multiple of rso.batch_size "
       f"{c['batch_size']} so every chunk is made of whole batches."
     )
+  validation.count(c["batch_size"], "rso.batch_size")
+  validation.count(c["num_examples"], "rso.num_examples", minimum=0)
+  validation.finite(c["beta"], "rso.beta",
+                    what="beta is the temperature of the target policy exp(r / beta)")
+  validation.finite(c["temperature"], "rso.temperature")
+  validation.finite(c["top_p"], "rso.top_p", high=1.0)
   return c
 
 
@@ -331,6 +337,14 @@ def pairs_to_arrays(pairs, input_len: int, target_len: int) -> dict[str, np.ndar
           f"{width}; raise data.input_len / data.target_len."
         )
       out["inputs" if key == "prompt" else key][i, : len(seq)] = seq
+  same = np.all(out["chosen"] == out["rejected"], axis=1)
+  if same.any():
+    first = int(np.argmax(same))
+    raise ValueError(
+      f"{int(same.sum())} of {n} preference pair(s) have chosen == rejected (first: pair "
+      f"{first}, prompt index {pairs[first]['index']}); such a pair states no preference. "
+      "Remove them from the pairs file (or fix how it was made)."
+    )
   out["index"] = np.asarray([p["index"] for p in pairs], np.int32)
   if all(p.get("ref_chosen_logp") is not None for p in pairs):
     out["ref_chosen_logp"] = np.asarray([p["ref_chosen_logp"] for p in pairs], np.float32)
@@ -399,6 +413,21 @@ def _pad_indices(idx, batch_size):
   return idx + [idx[-1]] * (batch_size - len(idx))
 
 
+def check_rewards(rewards_BxN, valid_BxN, idx, source: str) -> None:
+  """Raises on a NaN/inf reward of a valid sample: it would never be accepted (RSO) or would
+  order pairs arbitrarily, silently."""
+  bad = ~np.isfinite(rewards_BxN) & np.asarray(valid_BxN, bool)
+  if bad.any():
+    row, col = (int(x[0]) for x in np.nonzero(bad))
+    example = idx[row] if row < len(idx) else idx[-1]
+    raise ValueError(
+      f"{int(bad.sum())} non-finite reward(s) (first: {rewards_BxN[row, col]} for sample {col} "
+      f"of prompt {example}) from rso.reward={source!r}; a NaN reward is never accepted and "
+      "breaks the ranking. Check the reward model's checkpoint (retrain it with a lower "
+      "learning rate) or its inputs."
+    )
+
+
 def make_pair_rows(c, model, params, data, examples, idx, reward) -> list[dict[str, Any]]:
   """Pair rows for the prompts ``examples[i] for i in idx`` (one fixed-size batch)."""
   ids = _pad_indices(idx, c["batch_size"])
@@ -411,6 +440,7 @@ def make_pair_rows(c, model, params, data, examples, idx, reward) -> list[dict[s
     rewards = gold_rewards(data, cands, targets)
   else:
     rewards = reward.candidate_rewards(inputs, cands)
+  check_rewards(np.asarray(rewards), valid, idx, c["reward"])
   k_rs, k_rank = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(c["seed"] + 1), idx[0]))
   expected = None
   if c["mode"] == "rso":
@@ -487,6 +517,13 @@ def rso_sample(config, out_dir: str, *, params=None, model=None, data=None, rewa
       ``rso.reward_workdir`` (ignored with ``rso.reward="gold"``).
   """
   c = rso_config(config)
+  out_dir = validation.workdir(out_dir, "--workdir (pair directory)")
+  if params is None:
+    validation.run_dir(c["sft_workdir"], "rso.sft_workdir")
+    if model is None:
+      validation.model_matches_run(config, c["sft_workdir"], "rso.sft_workdir")
+  if c["reward"] == "model" and reward is None:
+    validation.run_dir(c["reward_workdir"], "rso.reward_workdir")
   model = model or common.model_from(config)
   data = data or tasks.load(config, batch_size=c["batch_size"], seed=c["seed"])
   if params is None:
@@ -510,6 +547,10 @@ def rso_sample(config, out_dir: str, *, params=None, model=None, data=None, rewa
   n = min(c["num_examples"], len(examples)) if c["num_examples"] else len(examples)
   if n == 0:
     raise ValueError(f"split {c['split']!r} is empty: no prompts to sample for.")
+  cand_lib.check_manifest(
+    out_dir, cand_lib.manifest_for(config, "rso", num_items=n, per_item=c["num_samples"],
+                                   chunk_size=c["chunk_size"]),
+  )
   write_chunks(
     out_dir,
     n,

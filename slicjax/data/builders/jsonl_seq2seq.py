@@ -48,8 +48,15 @@ def iter_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
   if not os.path.isfile(path):
     raise JsonlError(f"{path}: no such file; pass the path of an existing .jsonl file.")
   n = 0
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, start=1):
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, start=1):
+      try:
+        line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+      except UnicodeDecodeError as e:
+        raise JsonlError(
+          f"{path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+          f"re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8 {path} > fixed.jsonl."
+        ) from None
       if not line.strip():
         continue
       try:

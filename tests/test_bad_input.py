@@ -264,6 +264,15 @@ CASES = [
   ("rso-beta-nan", lambda t: __import__("slicjax.pipelines.rso", fromlist=["x"]).rso_config(
     ml_collections.ConfigDict(dict(rso=dict(beta=float("nan"))))), ValueError,
    r"rso\.beta=nan must be a finite number"),
+  ("candidates-partial", lambda t: (_chunks(t, 2, 2), _write(t, "manifest.json", json.dumps(
+    dict(num_examples=4))), __import__("slicjax.pipelines.candidates", fromlist=["x"])
+    .check_complete(t, _chunks(t, 2, 2))), ValueError,
+   r"holds 2 of the 4 examples .* set calibrate\.allow_partial_candidates=True"),
+  ("diffusion-kl-regularizer", lambda t: (_chunks(t, 2), __import__(
+    "slicjax.pipelines.calibrate", fromlist=["x"]).run(_smoke(
+      model=dict(family="diffusion"), calibrate=dict(candidates_dir=t, regularizer="kl")),
+      os.path.join(t, "cal"))), ValueError,
+   r"calibrate\.regularizer='kl' needs per-token logits.*use regularizer=ce"),
   ("nan-reward", lambda t: __import__("slicjax.pipelines.rso", fromlist=["x"]).check_rewards(
     np.array([[0.1, np.nan, 0.3]]), np.array([[True, True, True]]), [5], "model"),
    ValueError, r"1 non-finite reward\(s\) \(first: nan for sample 1 of prompt 5\)"),
@@ -341,6 +350,8 @@ DESCRIPTIONS = {
   'preference-pairs-missing': '`preference.pairs` does not exist',
   'chosen-equals-rejected': 'preference pairs whose chosen and rejected are identical',
   'rso-beta-nan': '`rso.beta` NaN or <= 0',
+  'candidates-partial': 'calibrating on a candidate set whose generation stopped part-way',
+  'diffusion-kl-regularizer': 'a KL regularizer on a diffusion model (no per-token logits)',
   'nan-reward': 'a reward model that returns NaN/inf',
 }
 

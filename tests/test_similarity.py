@@ -178,3 +178,19 @@ def test_rouge_errors():
     similarity.rouge_scores([["a"], ["b", "c"]], ["a", "b"])
   with pytest.raises(ValueError):
     similarity.rouge_scores(CANDS, REFS, types=("rougeX",))
+
+
+@pytest.mark.parametrize("position", ["learned", "relative"])
+def test_embedding_table_is_the_token_table_not_a_position_table(position):
+  import jax
+
+  from slicjax.models.factory import build_model
+  from slicjax.pipelines import candidates
+
+  model = build_model(dict(preset="tiny", vocab_size=40, max_len=24, position=position))
+  params = model.init(jax.random.PRNGKey(0), input_len=4, target_len=4)
+  table = candidates.embedding_table(params)
+  assert table.shape == (40, 64)
+  np.testing.assert_array_equal(table, params["token_embed"]["embedding"])
+  lora = candidates.embedding_table({"base": params, "lora": {}})
+  np.testing.assert_array_equal(lora, table)

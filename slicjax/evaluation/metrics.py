@@ -115,6 +115,16 @@ def rank_correlation(
   return (mean, per) if return_per_input else mean
 
 
+SPEARMAN_UNDEFINED = (
+  "n/a: no input had 2+ distinct candidate log-probs and 2+ distinct ROUGE values"
+)
+
+
+def format_spearman(value: float) -> str:
+  """``0.123``, or ``n/a`` with the reason when no input had a defined correlation."""
+  return SPEARMAN_UNDEFINED if value is None or np.isnan(value) else f"{value:.3f}"
+
+
 def win_rate(policy_scores, baseline_scores=None, *, tie: float = 0.5) -> float:
   """Share of comparisons won by the policy.
 

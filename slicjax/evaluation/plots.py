@@ -37,11 +37,13 @@ def quality_vs_beam(rows, path: str, metric: str = "rougeL"):
 
 
 def training_curves(series: dict[str, list[tuple[int, float]]], path: str, ylabel: str = "loss"):
-  """One line per named series of ``(step, value)``."""
+  """One line per named series of ``(step, value)``; short series (<= 30 points) get markers,
+  so a run logged once or twice still shows its points."""
   fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
   for name, pts in series.items():
     if pts:
-      ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name)
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name,
+              marker="o" if len(pts) <= 30 else None, markersize=4)
   ax.set_xlabel("step")
   ax.set_ylabel(ylabel)
   ax.grid(alpha=0.3)

@@ -26,6 +26,7 @@ CALIBRATE_KEYS = dict(
   candidates_dir="", finetuned_workdir="", loss="rank", beta=1.0, pairs="random",
   regularizer="kl", reg_weight=1.0, steps=500, batch_size=16, log_every=25,
   checkpoint_every=250, keep_checkpoints=2, seed=0, progress=True,
+  allow_partial_candidates=False,
 )
 LOSSES = ("rank", "margin", "list_rank", "expected_reward")
 REGULARIZERS = ("ce", "kl", "kl_topk", "none")
@@ -112,11 +113,17 @@ def run(config, workdir: str, *, params=None, data=None, on_log=None):
   workdir = common.prepare_workdir(workdir, config)
   common.log_devices()
   model = common.model_from(config)
+  if getattr(model, "family", None) == "diffusion" and c["regularizer"] in ("kl", "kl_topk"):
+    raise ValueError(
+      f"calibrate.regularizer={c['regularizer']!r} needs per-token logits, which a diffusion "
+      "model does not have; use regularizer=ce (its negative ELBO) or none."
+    )
   data = data or tasks.load(config, batch_size=c["batch_size"], seed=c["seed"])
   if params is None:
     params = common.params_from(config, c["finetuned_workdir"], "calibrate.finetuned_workdir")
   model, params = common.maybe_lora(config, model, params, c["seed"])
   rows = cand_lib.read_candidates(c["candidates_dir"])
+  cand_lib.check_complete(c["candidates_dir"], rows, allow_partial=c["allow_partial_candidates"])
   arrays = cand_lib.to_arrays(rows, data.input_len, data.target_len)
   if c["regularizer"] == "kl_topk" and "ref_topk_logp" not in arrays:
     raise ValueError("regularizer=kl_topk needs candidates generated with store_ref_topk > 0.")

@@ -82,13 +82,20 @@ def decode_options(c: dict[str, Any]) -> dict[str, Any]:
 
 
 def embedding_table(params) -> jax.Array:
-  """The token embedding ``[V, D]`` of any family (the first 2-D leaf under an 'embed' key)."""
+  """The token embedding ``[V, D]`` of any family, found by name (``token_embed/embedding``,
+  under a LoRA tree's ``base`` too), never a position or relative-position table."""
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  found = []
   for path, leaf in flat:
-    name = "/".join(str(getattr(p, "key", p)) for p in path)
-    if "embed" in name and getattr(leaf, "ndim", 0) == 2:
-      return leaf
-  raise ValueError("no token embedding found in params; token_embedding similarity needs one.")
+    keys = [str(getattr(p, "key", p)) for p in path]
+    if keys[-2:] == ["token_embed", "embedding"] and getattr(leaf, "ndim", 0) == 2:
+      found.append(leaf)
+  if len(found) != 1:
+    raise ValueError(
+      f"token_embedding similarity needs exactly one token_embed/embedding table in params, "
+      f"found {len(found)}; use similarity=latent or rouge for this model."
+    )
+  return found[0]
 
 
 def similarity_scores(
@@ -181,6 +188,26 @@ def check_manifest(out_dir: str, manifest: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def check_complete(out_dir: str, rows, *, allow_partial: bool = False) -> None:
+  """Raises when a candidate directory holds fewer examples than its manifest promises (a
+  generation stopped part-way), unless ``allow_partial`` (then it logs the shortfall)."""
+  path = os.path.join(out_dir, MANIFEST)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    expected = int(json.load(f)["num_examples"])
+  if len(rows) >= expected:
+    return
+  msg = (f"{out_dir} holds {len(rows)} of the {expected} examples its generation was asked "
+         "for (it stopped part-way)")
+  if not allow_partial:
+    raise ValueError(
+      f"{msg}; rerun generate_candidates with the same config to finish it (it resumes), or "
+      "set calibrate.allow_partial_candidates=True to calibrate on what is there."
+    )
+  logging.warning("%s; calibrating on those (allow_partial_candidates=True).", msg)
+
+
 def _dict_diff(a, b, prefix="") -> list[str]:
   out = []
   for k in sorted(set(a) | set(b)):
@@ -222,21 +249,32 @@ def generate(config, out_dir: str, *, params=None, model=None, data=None) -> str
 
     bar = tqdm(total=len(mine) * chunk, initial=(len(mine) - len(todo)) * chunk,
                desc="candidates", unit="ex", dynamic_ncols=True)
-  for ci in todo:
-    lo, hi = ci * chunk, min((ci + 1) * chunk, n)
-    rows = []
-    for b0 in range(lo, hi, c["batch_size"]):
-      idx = list(range(b0, min(b0 + c["batch_size"], hi)))
-      rows.extend(_generate_batch(c, model, params, data, examples, idx, options, max_len))
-      if bar is not None:
-        bar.update(len(idx))
-    tmp = _chunk_path(out_dir, ci) + f".tmp{jax.process_index()}"
-    with open(tmp, "w") as f:
-      for r in rows:
-        f.write(json.dumps(r) + "\n")
-    os.replace(tmp, _chunk_path(out_dir, ci))
-  if bar is not None:
-    bar.close()
+  written = 0
+  try:
+    for ci in todo:
+      lo, hi = ci * chunk, min((ci + 1) * chunk, n)
+      rows = []
+      for b0 in range(lo, hi, c["batch_size"]):
+        idx = list(range(b0, min(b0 + c["batch_size"], hi)))
+        rows.extend(_generate_batch(c, model, params, data, examples, idx, options, max_len))
+        if bar is not None:
+          bar.update(len(idx))
+      tmp = _chunk_path(out_dir, ci) + f".tmp{jax.process_index()}"
+      with open(tmp, "w") as f:
+        for r in rows:
+          f.write(json.dumps(r) + "\n")
+      os.replace(tmp, _chunk_path(out_dir, ci))
+      written += 1
+  except BaseException:  # KeyboardInterrupt / SIGTERM / errors: say what is there
+    done = len(mine) - len(todo) + written
+    logging.error(
+      "candidate generation stopped after %d of %d chunks in %s; complete chunks are kept and "
+      "rerunning the same command resumes from there.", done, len(mine), out_dir,
+    )
+    raise
+  finally:
+    if bar is not None:
+      bar.close()
   return out_dir
 
 

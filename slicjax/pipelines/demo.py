@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import ml_collections
 
+from slicjax.evaluation import metrics
 from slicjax.pipelines import common
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -58,9 +59,9 @@ PRESETS: dict[str, dict[str, Any]] = {
   "smoke": dict(
     model=dict(preset="tiny", vocab_size=512, max_len=96),
     data=dict(input_len=48, target_len=12, vocab_size=512, max_input_chars=600),
-    train=dict(steps=20, batch_size=8),
+    train=dict(steps=20, batch_size=8, log_every=2),
     candidates=dict(num_examples=16, num_candidates=3, batch_size=8, chunk_size=8),
-    calibrate=dict(steps=6, batch_size=8),
+    calibrate=dict(steps=6, batch_size=8, log_every=1),
     evaluate=dict(beam_sizes=(1, 2), alphas=(0.0, 0.6), num_examples=8, batch_size=8),
   ),
 }
@@ -275,7 +276,7 @@ def summary_text(records, result) -> str:
       best = max((r for r in result["grid"] if r["model"] == name), key=lambda r: r["rougeL"])
       lines.append(f"{name}: best ROUGE-L {best['rougeL']:.2f} at beam {best['beam']}, "
                    f"alpha {best['alpha']:g}; Spearman(logP, ROUGE) "
-                   f"{result['rank_correlation'][name]:.3f}")
+                   f"{metrics.format_spearman(result['rank_correlation'][name])}")
   return "\n".join(lines)
 
 

@@ -203,5 +203,5 @@ def markdown_table(rows, corr, diffs=()) -> str:
       for d in diffs
     ]
   lines += ["", "| model | mean per-input Spearman(logP, ROUGE) |", "|---|---|"]
-  lines += [f"| {k} | {v:.3f} |" for k, v in corr.items()]
+  lines += [f"| {k} | {metrics.format_spearman(v)} |" for k, v in corr.items()]
   return "\n".join(lines) + "\n"

@@ -112,3 +112,14 @@ def test_paired_bootstrap_sees_a_consistent_small_gain_that_unpaired_intervals_h
   assert wlo < bhi  # the unpaired intervals overlap
   with pytest.raises(ValueError, match="pair the same examples"):
     metrics.paired_bootstrap_ci([1.0, 2.0], [1.0])
+
+
+def test_undefined_spearman_is_shown_with_its_reason():
+  mean = metrics.rank_correlation(np.zeros((2, 3)), np.array([[1.0, 2, 3], [3, 2, 1]]))
+  assert math.isnan(mean)
+  assert metrics.format_spearman(mean).startswith("n/a: no input had 2+ distinct")
+  assert metrics.format_spearman(0.12345) == "0.123"
+  from slicjax.pipelines import evaluate
+
+  table = evaluate.markdown_table([], {"calibrated": mean})
+  assert "| calibrated | n/a: no input had" in table

@@ -71,7 +71,16 @@ def config_name(prefix: str, payload: Any) -> str:
 
 
 def prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
-  """Runs ``download_and_prepare`` (a no-op when the directory already holds the data)."""
+  """Runs ``download_and_prepare`` (a no-op when the directory already holds the data).
+
+  Local builders download nothing, so TFDS's bold "Downloading and preparing dataset Unknown
+  size ..." banner (printed to stdout) is replaced by one log line naming what is built where.
+  """
+  where = f"{builder.name}/{builder.builder_config.name if builder.builder_config else ''}"
+  for hook, msg in (("_log_download_bytes", "building local dataset %s in %s"),
+                    ("_log_download_done", "built local dataset %s in %s")):
+    if hasattr(builder, hook):  # an instance attribute shadows TFDS's printing method
+      setattr(builder, hook, lambda msg=msg: logging.info(msg, where, builder.data_dir))
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return builder
 

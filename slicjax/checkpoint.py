@@ -13,6 +13,7 @@ file, missing entry) is reported with a warning naming it and the step used inst
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import time
@@ -158,12 +159,46 @@ def abstract_like(tree, shardings):
   )
 
 
+BEST_DIR = "best"  # <workdir>/best/<step>/: the params with the best validation metric
+
+
+class BestKeeper:
+  """Keeps the parameters with the lowest validation metric in ``<workdir>/best/`` (one step,
+  plus ``best.json`` with the step, metric and value), surviving resumes."""
+
+  def __init__(self, workdir: str, metric: str = "nll"):
+    self.directory = os.path.join(os.path.abspath(workdir), BEST_DIR)
+    self.metric = metric
+    self.value = float("inf")
+    info = os.path.join(self.directory, "best.json")
+    if os.path.isfile(info):
+      with open(info) as f:
+        self.value = float(json.load(f)["value"])
+
+  def update(self, step: int, params, value: float) -> bool:
+    """Saves ``params`` when ``value`` beats the best so far. Returns whether it saved."""
+    if not value < self.value:
+      return False
+    ck = Checkpointer(self.directory, keep=1)
+    ck.save(step, {"params": params}, force=True)
+    ck.close()
+    self.value = float(value)
+    if jax.process_index() == 0:
+      tmp = os.path.join(self.directory, "best.json.tmp")
+      with open(tmp, "w") as f:
+        json.dump(dict(step=int(step), metric=self.metric, value=float(value)), f)
+      os.replace(tmp, os.path.join(self.directory, "best.json"))
+    return True
+
+
 def load_params(directory: str, step: int | None = None, *, item: str = "params"):
   """Loads only the parameters (host numpy arrays) of a training run's checkpoint.
 
   Args:
-    directory: a job workdir (containing ``checkpoints/``) or a checkpoints directory.
-    step: the step to load; ``None`` takes the newest readable one.
+    directory: a job workdir (containing ``checkpoints/``) or a checkpoints directory. A
+      workdir with ``best/best.json`` (an MLE run that evaluated) gives its best-validation
+      parameters unless ``step`` is set.
+    step: the step to load; ``None`` takes the best (see above) or else the newest readable one.
     item: ``params`` or ``ref_params``.
 
   Returns:
@@ -173,7 +208,14 @@ def load_params(directory: str, step: int | None = None, *, item: str = "params"
     CheckpointError: when there is no readable checkpoint, naming the directory.
   """
   directory = os.path.abspath(directory)
-  if os.path.isdir(os.path.join(directory, "checkpoints")):
+  best = os.path.join(directory, BEST_DIR)
+  if step is None and item == "params" and os.path.isfile(os.path.join(best, "best.json")):
+    with open(os.path.join(best, "best.json")) as f:
+      info = json.load(f)
+    logging.info("loading the best checkpoint of %s: step %d (validation %s %.4f)", directory,
+                 info["step"], info["metric"], info["value"])
+    directory = best
+  elif os.path.isdir(os.path.join(directory, "checkpoints")):
     directory = os.path.join(directory, "checkpoints")
   if not os.path.isdir(directory):
     raise CheckpointError(

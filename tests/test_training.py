@@ -156,3 +156,29 @@ def test_grad_accumulation_applies_mean_of_micro_batch_gradients():
   expected = jax.tree.map(lambda p, x, y: p - lr * (x + y) / 2, p0, g1, g2)
   for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_best_keeper_keeps_lowest_validation_params_and_load_params_prefers_them(tmp_path):
+  from slicjax import checkpoint
+
+  model = build_model(MODEL)
+  p0 = model.init(jax.random.PRNGKey(0), input_len=4, target_len=4)
+  p1 = jax.tree.map(lambda x: x + 1.0, p0)
+  p2 = jax.tree.map(lambda x: x + 2.0, p0)
+  # The run's newest checkpoint holds p2; validation was best at step 10 (p1).
+  tx, _ = optim.make_optimizer(dict(learning_rate=1e-3), 10)
+  from slicjax.train_state import TrainState
+
+  ck = checkpoint.Checkpointer(str(tmp_path / "checkpoints"))
+  ck.save(30, TrainState.create(p2, tx, jax.random.PRNGKey(0)), force=True)
+  ck.close()
+  keeper = checkpoint.BestKeeper(str(tmp_path))
+  assert keeper.update(5, p0, 3.0) and keeper.update(10, p1, 2.5)
+  assert not checkpoint.BestKeeper(str(tmp_path)).update(20, p2, 2.7)  # survives a restart
+  params, step = checkpoint.load_params(str(tmp_path))
+  assert step == 10
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(p1)):
+    np.testing.assert_array_equal(a, b)
+  assert sorted(p.name for p in (tmp_path / "best").iterdir()) == ["10", "best.json"]
+  _, newest = checkpoint.load_params(str(tmp_path), 30)  # an explicit step still works
+  assert newest == 30

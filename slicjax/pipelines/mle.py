@@ -7,13 +7,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from slicjax import optim, sharding, training
+from slicjax import checkpoint, optim, sharding, training
 from slicjax.pipelines import common, tasks, validation
 
 TRAIN_KEYS = dict(
   steps=1000, batch_size=32, log_every=50, eval_every=0, eval_batches=4,
   checkpoint_every=500, keep_checkpoints=3, seed=0, label_smoothing=0.0, z_loss=0.0,
-  progress=True,
+  progress=True, keep_best=True,
 )
 
 
@@ -45,6 +45,16 @@ def make_eval_fn(model, mesh, state_sh, eval_batches):
   return eval_fn
 
 
+def _keeping_best(eval_fn, keeper):
+  def fn(state):
+    ev = eval_fn(state)
+    if keeper.update(int(jax.device_get(state.step)), state.params, ev["nll"]):
+      ev["best"] = 1.0
+    return ev
+
+  return fn
+
+
 def run(config, workdir: str, *, on_log=None):
   """Trains ``config.model`` with MLE on ``config.data``; returns ``(state, model, data)``."""
   t = train_config(config)
@@ -72,6 +82,8 @@ def run(config, workdir: str, *, on_log=None):
   eval_fn = None
   if t["eval_every"]:
     eval_fn = make_eval_fn(model, mesh, state_sh, data.eval_batches(t["eval_batches"]))
+    if t["keep_best"]:  # later stages load the best-validation params (the paper's choice)
+      eval_fn = _keeping_best(eval_fn, checkpoint.BestKeeper(workdir, "nll"))
   state = training.train(
     state=state, state_shardings=state_sh, train_step=train_step, train_iter=data.train_iter(),
     mesh=mesh, workdir=workdir, eval_fn=eval_fn, on_log=on_log,

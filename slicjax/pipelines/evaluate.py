@@ -19,16 +19,27 @@ from slicjax.evaluation import metrics, plots
 from slicjax.pipelines import common
 
 EVAL_KEYS = dict(
-  beam_sizes=(1, 2, 4, 8, 16), alphas=(0.0, 0.6), num_examples=128, batch_size=16,
+  beam_sizes=(1, 2, 4, 8, 16), alphas=(0.0, 0.6), num_examples=0, batch_size=16,
   calibration_candidates=8, repetition_ngram=3, max_len=0, progress=True,
-  length_penalty_style="gnmt", finish_top_2k=False,
+  length_penalty_style="gnmt", finish_top_2k=False, split="validation",
 )
 
 
 def eval_config(config) -> dict[str, Any]:
   c = common.to_dict(config.get("evaluate"))
   common.check_keys(c, EVAL_KEYS, "evaluate")
-  return {**EVAL_KEYS, **c}
+  c = {**EVAL_KEYS, **c}
+  if c["split"] not in ("validation", "test"):
+    raise ValueError(
+      f"evaluate.split={c['split']!r}; use 'validation' (choose recipes) or 'test' (report)."
+    )
+  return c
+
+
+def _examples(data, c):
+  """The first ``num_examples`` (0 = all) of the evaluated split."""
+  ex = data.split_examples(c["split"])
+  return ex[: c["num_examples"]] if c["num_examples"] else ex
 
 
 def _batches(examples, bs, input_len, target_len):
@@ -65,7 +76,7 @@ def quality_grid(models: dict[str, Any], model, data, c: dict[str, Any], bar=Non
   repetition}`` (``rougeL_lo/hi``: 95% bootstrap interval over examples; ``_per_example``
   holds the per-example ROUGE-L for paired comparisons). ``predictions`` (a list) receives one
   dict per decoded example."""
-  examples = data.eval_examples[: c["num_examples"]]
+  examples = _examples(data, c)
   refs = [data.detokenize(e["targets"]) for e in examples]
   max_len = c["max_len"] or data.target_len
   rows = []
@@ -103,7 +114,7 @@ def quality_grid(models: dict[str, Any], model, data, c: dict[str, Any], bar=Non
 def calibration_report(models: dict[str, Any], model, data, c, decoder_params):
   """Per-input Spearman correlation between each model's candidate log-likelihoods and the
   candidates' ROUGE to the reference, on the same beam candidates (from ``decoder_params``)."""
-  examples = data.eval_examples[: c["num_examples"]]
+  examples = _examples(data, c)
   k = c["calibration_candidates"]
   max_len = c["max_len"] or data.target_len
   out = {name: [] for name in models}
@@ -151,7 +162,7 @@ def run(models: dict[str, Any], model, data, config, out_dir: str, *, decoder_fo
   first = next(iter(models.values()))
   corr = calibration_report(models, model, data, c, decoder_for_report or first)
   result = {"grid": rows, "paired_differences": diffs, "rank_correlation": corr,
-            "num_examples": min(c["num_examples"], len(data.eval_examples))}
+            "split": c["split"], "num_examples": len(_examples(data, c))}
   with open(os.path.join(out_dir, "eval.json"), "w") as f:
     json.dump(result, f, indent=2)
   with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:

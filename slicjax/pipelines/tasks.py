@@ -4,7 +4,8 @@
 
 * ``reverse`` — the built-in synthetic task (``slicjax/data/synthetic.py``), token ids only;
 * ``stdlib_docstrings`` — the embedded default: code -> docstring summary;
-* ``jsonl`` — local ``{"input", "target"}`` files (``train_path``, ``eval_path``);
+* ``jsonl`` — local ``{"input", "target"}`` files (``train_path``, ``eval_path``,
+  ``test_path``);
 * ``tfds:<name>`` — a TFDS catalog summarization set (needs its data on this machine).
 """
 
@@ -20,7 +21,8 @@ from slicjax.pipelines import common
 
 DATA_KEYS = dict(
   name="reverse", input_len=64, target_len=32, vocab_size=2000, num_train=4096, num_eval=256,
-  data_dir="", cache_dir="", train_path="", eval_path="", input_key="input", target_key="target",
+  data_dir="", cache_dir="", train_path="", eval_path="", test_path="", input_key="input",
+  target_key="target",
   tokenizer_path="", packing=False, max_input_chars=4000, synthetic_vocab=32,
 )
 
@@ -40,6 +42,23 @@ class TaskData:
   tokenizer: Any = None
   make_train_iter: Callable[[], Any] | None = None
   eval_texts: list[dict[str, str]] | None = None
+  test_examples: list[dict[str, Any]] | None = None
+
+  def split_examples(self, split: str) -> list[dict[str, Any]]:
+    """``train``, ``validation`` or ``test`` examples (choose recipes on validation, report on
+    test)."""
+    if split == "train":
+      return self.train_examples
+    if split == "validation":
+      return self.eval_examples
+    if split == "test":
+      if not self.test_examples:
+        raise ValueError(
+          f"task {self.name!r} has no test split; for data.name=jsonl set data.test_path, or "
+          "evaluate on split='validation'."
+        )
+      return self.test_examples
+    raise ValueError(f"unknown split {split!r}; use train, validation or test.")
 
   def train_iter(self):
     if self.make_train_iter is not None:

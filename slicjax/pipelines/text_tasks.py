@@ -25,6 +25,8 @@ def _source_options(d: dict[str, Any]) -> dict[str, Any]:
     paths = {"train": d["train_path"]}
     if d["eval_path"]:
       paths["validation"] = d["eval_path"]
+    if d["test_path"]:
+      paths["test"] = d["test_path"]
     opts["paths"] = paths
     opts["input_key"], opts["target_key"] = d["input_key"], d["target_key"]
   return opts
@@ -51,6 +53,10 @@ def load_text_task(d: dict[str, Any], *, batch_size: int, seed: int, tokenizer=N
   eval_tok = pipeline.tokenize_records(eval_records, tok, input_len=s, target_len=length)
   if not train_tok:
     raise ValueError(f"dataset {name!r} has an empty train split; check the data source.")
+  test_tok = None
+  if name == "stdlib_docstrings" or (name == "jsonl" and d["test_path"]):
+    test_records = sources.load_text_source(name, "test", **opts)
+    test_tok = pipeline.tokenize_records(test_records, tok, input_len=s, target_len=length)
 
   def make_train_iter():
     return pipeline.make_seq2seq_iterator(
@@ -62,5 +68,5 @@ def load_text_task(d: dict[str, Any], *, batch_size: int, seed: int, tokenizer=N
   return TaskData(
     name=name, vocab_size=tok.vocab_size, input_len=s, target_len=length,
     train_examples=train_tok, eval_examples=eval_tok, batch_size=batch_size, seed=seed,
-    tokenizer=tok, make_train_iter=make_train_iter,
+    tokenizer=tok, make_train_iter=make_train_iter, test_examples=test_tok,
   )

@@ -43,7 +43,7 @@ FUNCS = [
 def setup(tmp_path_factory):
   d = tmp_path_factory.mktemp("pretrained")
   gguf_path = write_tiny_gguf(d / "tiny.gguf")
-  for name, rows in (("train", FUNCS), ("eval", FUNCS[:4])):
+  for name, rows in (("train", FUNCS), ("eval", FUNCS[:4]), ("test", FUNCS[-3:])):
     with open(d / f"{name}.jsonl", "w") as f:
       for src, doc in rows:
         f.write(json.dumps({"input": src, "target": doc}) + "\n")
@@ -166,7 +166,8 @@ def _config(d, g):
   c.pretrained = {**common.PRETRAINED_KEYS, "init_from": g}
   c.lora = dict(common.LORA_KEYS)
   c.data = {**tasks.DATA_KEYS, "name": "jsonl", "train_path": str(d / "train.jsonl"),
-            "eval_path": str(d / "eval.jsonl"), "input_len": 48, "target_len": 14}
+            "eval_path": str(d / "eval.jsonl"), "test_path": str(d / "test.jsonl"),
+            "input_len": 48, "target_len": 14}
   c.optimizer = {**optim.DEFAULTS, "learning_rate": 1e-3}
   c.train = {**mle.TRAIN_KEYS, "steps": 2, "batch_size": 4, "eval_every": 0, "progress": False}
   c.evaluate = {**evaluate.EVAL_KEYS, "beam_sizes": (1, 2), "alphas": (0.0,), "num_examples": 4,
@@ -203,3 +204,11 @@ def test_reward_rso_decode_and_evaluate_from_gguf(setup):
   preds = [json.loads(x) for x in open(d / "eval" / "predictions.jsonl")]
   assert len(preds) == 4 * 2 and {p["beam"] for p in preds} == {1, 2}
   assert "95% CI" in open(d / "eval" / "eval.md").read()
+  # Recipes are chosen on validation and reported on test: the test split is its own file,
+  # and num_examples=0 evaluates all of it.
+  assert len(data.split_examples("test")) == 3 and len(data.split_examples("validation")) == 4
+  cfg.evaluate.update(dict(split="test", num_examples=0, beam_sizes=(1,)))
+  res = evaluate.run({"pretrained": params}, model, data, cfg, str(d / "eval_test"))
+  assert res["split"] == "test" and res["num_examples"] == 3
+  preds = [json.loads(x) for x in open(d / "eval_test" / "predictions.jsonl")]
+  assert len(preds) == 3

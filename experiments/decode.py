@@ -9,10 +9,10 @@ candidate's sequence log-likelihood; ``sim`` is filled when ``candidates.similar
 ``none``).
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from slicjax import distributed
+from slicjax import cli, distributed
 from slicjax.pipelines import candidates, common
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/slic.py", "Job config.")
@@ -33,5 +33,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("workdir")
-  app.run(main)
+  cli.run(main, config=_CONFIG, required=["workdir"], resumable_on_sigterm=True)

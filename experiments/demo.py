@@ -6,7 +6,7 @@
 
 from absl import app, flags
 
-from slicjax import distributed
+from slicjax import cli, config_help, distributed
 from slicjax.pipelines import demo
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where the run and report.md go.")
@@ -36,15 +36,31 @@ def _parse(items):
   return out
 
 
-def main(argv):
-  del argv
-  distributed.initialize_from_flags()
+def _overrides():
   overrides = _parse(_SET.value)
   if _LOSSES.value:
     overrides["calibrate_losses"] = ",".join(_LOSSES.value)
+  return overrides
+
+
+def _describe():
+  from slicjax.models import factory
+
+  config = demo.build_config(_PRESET.value, _overrides())
+  config.model = factory.model_config(**config.model)  # list the unset model keys too
+  return config_help.describe(
+    config, title=f"Config of --preset={_PRESET.value} (set keys with --set=<key>=<value>):",
+    prefix="--set=",
+  )
+
+
+def main(argv):
+  del argv
+  distributed.initialize_from_flags()
+  overrides = _overrides()
   report = demo.run(_WORKDIR.value, _PRESET.value, overrides)
   print(f"\nreport: {report['path']}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, describe=_describe)

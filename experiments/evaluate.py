@@ -7,7 +7,7 @@
 from absl import app, flags
 from ml_collections import config_flags
 
-from slicjax import distributed
+from slicjax import cli, distributed
 from slicjax.pipelines import common, evaluate, tasks
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/slic.py", "Job config.")
@@ -36,5 +36,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir", "model_workdirs"])
-  app.run(main)
+  cli.run(main, config=_CONFIG, required=["workdir", "model_workdirs"])

@@ -10,6 +10,7 @@ encoder-decoder -> ``T5ForConditionalGeneration``).
 
 from absl import app, flags
 
+from slicjax import cli, config_help
 from slicjax.interop import hf_export
 from slicjax.pipelines import common
 
@@ -38,6 +39,16 @@ def main(argv):
   print(f"wrote {out}")
 
 
+def _describe():
+  from slicjax.models import factory
+
+  keys = {k: None for k in factory.model_keys()}
+  return config_help.describe(
+    {"model": keys}, prefix="",
+    title="export.py has no job config: it rebuilds the model from <workdir>/config.json, whose "
+    "'model' section holds these keys (unset ones are omitted or null):",
+  )
+
+
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir", "out_dir"])
-  app.run(main)
+  cli.run(main, describe=_describe, required=["workdir", "out_dir"])

@@ -4,10 +4,10 @@
       --config.candidates.finetuned_workdir=runs/mle --workdir=runs/candidates
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from slicjax import distributed
+from slicjax import cli, distributed
 from slicjax.pipelines import candidates, common
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/slic.py", "Job config.")
@@ -24,5 +24,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("workdir")
-  app.run(main)
+  cli.run(main, config=_CONFIG, required=["workdir"], resumable_on_sigterm=True)

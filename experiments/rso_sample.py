@@ -8,10 +8,10 @@ reference log-probs. Resumable: rerun the same command after an interruption.
       --workdir=runs/pairs_rso
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from slicjax import distributed
+from slicjax import cli, distributed
 from slicjax.pipelines import common, rso
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -30,5 +30,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("workdir")
-  app.run(main)
+  cli.run(main, config=_CONFIG, required=["workdir"], resumable_on_sigterm=True)

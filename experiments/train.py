@@ -3,10 +3,10 @@
   python experiments/train.py --config=experiments/configs/mle.py --workdir=runs/mle
 """
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from slicjax import distributed, training
+from slicjax import cli, distributed
 from slicjax.pipelines import mle
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/mle.py", "Job config.")
@@ -17,12 +17,8 @@ distributed.define_flags()
 def main(argv):
   del argv
   distributed.initialize_from_flags()
-  try:
-    mle.run(_CONFIG.value, _WORKDIR.value)
-  except training.Preempted as e:  # SIGTERM: checkpoint written; exit cleanly, rerun resumes
-    logging.warning("%s", e)
+  mle.run(_CONFIG.value, _WORKDIR.value)  # SIGTERM: checkpoint, exit 75 (slicjax.cli)
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("workdir")
-  app.run(main)
+  cli.run(main, config=_CONFIG, required=["workdir"], resumable_on_sigterm=True)

@@ -9,10 +9,10 @@ synthetic-gold experiment comparing them.
   python experiments/train_preference.py --experiment=smoke --workdir=runs/gold_smoke
 """
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from slicjax import distributed, training
+from slicjax import cli, config_help, distributed
 from slicjax.pipelines import gold_experiment, preference
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -35,11 +35,8 @@ def main(argv):
     out = gold_experiment.synthetic_gold_experiment(None, _WORKDIR.value, _EXPERIMENT.value)
     print(f"report: {out['report']}")
     return
-  try:
-    _, summary = preference.train_preference(_CONFIG.value, _WORKDIR.value)
-  except training.Preempted as e:  # SIGTERM: checkpoint written; rerun resumes
-    logging.warning("%s", e)
-    return
+  # SIGTERM: checkpoint, exit 75 (slicjax.cli)
+  _, summary = preference.train_preference(_CONFIG.value, _WORKDIR.value)
   b, a = summary["before"], summary["after"]
   print(
     f"{summary['loss']} on {summary['num_pairs']} {summary['pair_source']} pairs: "
@@ -48,6 +45,15 @@ def main(argv):
   )
 
 
+def _describe():
+  if _EXPERIMENT.value:
+    return config_help.describe(
+      gold_experiment.experiment_config(_EXPERIMENT.value),
+      title=f"Config of --experiment={_EXPERIMENT.value} (not settable from the command line):",
+      prefix="",
+    )
+  return cli.help_text(config=_CONFIG)
+
+
 if __name__ == "__main__":
-  flags.mark_flag_as_required("workdir")
-  app.run(main)
+  cli.run(main, describe=_describe, required=["workdir"], resumable_on_sigterm=True)

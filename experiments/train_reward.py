@@ -6,10 +6,10 @@ pairs and report held-out pair accuracy.
       --config.reward.init_from=runs/mle --workdir=runs/reward
 """
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from slicjax import distributed, training
+from slicjax import cli, distributed
 from slicjax.pipelines import reward
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -22,11 +22,7 @@ distributed.define_flags()
 def main(argv):
   del argv
   distributed.initialize_from_flags()
-  try:
-    _, report = reward.train_reward(_CONFIG.value, _WORKDIR.value)
-  except training.Preempted as e:  # SIGTERM: checkpoint written; rerun resumes
-    logging.warning("%s", e)
-    return
+  _, report = reward.train_reward(_CONFIG.value, _WORKDIR.value)  # SIGTERM: exit 75 (cli)
   print(
     f"held-out pair accuracy: {report['heldout_accuracy']:.4f} "
     f"({report['heldout_pairs']} pairs; train {report['train_accuracy']:.4f})"
@@ -34,5 +30,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("workdir")
-  app.run(main)
+  cli.run(main, config=_CONFIG, required=["workdir"], resumable_on_sigterm=True)

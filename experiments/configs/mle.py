@@ -1,17 +1,23 @@
 """MLE fine-tuning config. Every key exists here, so any can be overridden on the command line:
-``--config=experiments/configs/mle.py --config.train.steps=200 --config.data.name=reverse``."""
+``--config=experiments/configs/mle.py --config.train.steps=200 --config.data.name=reverse
+--config.model.num_layers=2``. ``--helpconfig`` lists every key with its default and meaning.
+
+``model`` lists every key of every model family (``factory.model_config``): the ones not set
+below are placeholders (``None``: the preset's value, else the family's default).
+"""
 
 import ml_collections
 
 from slicjax import optim
+from slicjax.models import factory
 from slicjax.pipelines import common, mle, tasks
 
 
 def get_config():
   c = ml_collections.ConfigDict()
-  c.model = ml_collections.ConfigDict(dict(
+  c.model = factory.model_config(
     family="transformer", preset="small", vocab_size=2048, max_len=320, num_encoder_layers=0,
-  ))
+  )
   c.data = ml_collections.ConfigDict({**tasks.DATA_KEYS, **dict(
     name="stdlib_docstrings", input_len=192, target_len=32, vocab_size=2000,
   )})

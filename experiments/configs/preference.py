@@ -1,5 +1,6 @@
 """Preference-optimization config: reward model, RSO sampling and preference training sections
-on top of the MLE config. Every key exists here, so any can be set on the command line.
+on top of the MLE config. Every key exists here, so any can be set on the command line
+(``--helpconfig`` lists them with their defaults and meanings).
 
   python experiments/train_reward.py --config=experiments/configs/preference.py \
       --config.reward.pairs=data/pairs.jsonl --config.reward.init_from=runs/mle \
@@ -21,6 +22,7 @@ on top of the MLE config. Every key exists here, so any can be set on the comman
 import ml_collections
 
 from slicjax import optim
+from slicjax.models import factory
 from slicjax.pipelines import common, mle, preference, reward, rso, tasks
 
 
@@ -28,22 +30,23 @@ def get_config():
   # The MLE config's model and data (self-contained: config files are loaded by path, so this
   # one imports only the installed package).
   c = ml_collections.ConfigDict()
-  c.model = ml_collections.ConfigDict(
-    dict(
-      family="transformer",
-      preset="small",
-      vocab_size=2048,
-      max_len=320,
-      num_encoder_layers=0,
-      num_layers=3,
-      d_model=128,
-      d_ff=512,
-      num_heads=4,
-      num_kv_heads=4,
-      head_dim=32,
-      dropout_rate=0.0,
-    )
+  model = dict(
+    family="transformer",
+    preset="small",
+    vocab_size=2048,
+    max_len=320,
+    num_encoder_layers=0,
+    num_layers=3,
+    d_model=128,
+    d_ff=512,
+    num_heads=4,
+    num_kv_heads=4,
+    head_dim=32,
+    dropout_rate=0.0,
   )
+  # Every key of every model family; the unset ones are typed placeholders (None: the preset's
+  # value, else the family's default), so any can be set on the command line.
+  c.model = factory.model_config(**model)
   c.data = ml_collections.ConfigDict(
     {
       **tasks.DATA_KEYS,
@@ -59,7 +62,7 @@ def get_config():
   c.pretrained = ml_collections.ConfigDict(dict(common.PRETRAINED_KEYS))
   c.lora = ml_collections.ConfigDict(dict(common.LORA_KEYS))
   c.mesh_shape = (-1, 1, 1)
-  c.reward_model = ml_collections.ConfigDict(c.model.to_dict())
+  c.reward_model = factory.model_config(**model)
   c.reward = ml_collections.ConfigDict(dict(reward.REWARD_KEYS))
   c.reward_optimizer = ml_collections.ConfigDict(
     {

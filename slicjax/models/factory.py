@@ -13,12 +13,19 @@ plus ``num_heads``, ``num_kv_heads``, ``head_dim``, ``d_ff``, ``encoder_position
 ``encoder_mlp``, ``relative_buckets``, ``relative_max_distance``, ``max_len``,
 ``decoder_start_id``). With a ``preset``, ``num_layers`` becomes the SSM ``n_layers`` and the
 preset's attention sizes size the encoder (they are dropped for the decoder-only model).
+
+``None`` means "unset" for every key (no dataclass field takes ``None``): :func:`build_model`
+drops ``None`` values first, so a config may list every key of every family
+(:func:`model_config`: typed placeholders, overridable from the command line as
+``--config.model.num_layers=2``) and an unset key falls back to the preset's value, else the
+family's default. A key that no family knows still raises.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import numbers
+import typing
 from typing import Any
 
 from slicjax.models import seq_model
@@ -37,12 +44,86 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# The keys of ``family="diffusion"`` besides the transformer's (``diffusion_seq.ADAPTER_KEYS``).
+DIFFUSION_KEY_TYPES: dict[str, type] = dict(schedule=str, num_elbo_samples=int,
+                                            sampler_threshold=float)
+
+
+def _field_types(cls) -> dict[str, type]:
+  hints = typing.get_type_hints(cls)
+  return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def family_keys() -> dict[str, dict[str, type]]:
+  """``{family: {key: type}}``: every key :func:`build_model` accepts for each family (``ssm``
+  includes the encoder-decoder keys of ``num_encoder_layers > 0``)."""
+  from slicjax.models import ssm_encdec
+
+  common = dict(family=str, preset=str)
+  transformer = _field_types(TransformerConfig)
+  return dict(
+    transformer={**common, **transformer},
+    ssm={**common, **_field_types(ssm_encdec.SSMEncDecConfig), "num_layers": int},
+    diffusion={**common, **transformer, **DIFFUSION_KEY_TYPES},
+  )
+
+
+def model_keys() -> dict[str, type]:
+  """``{key: type}`` over all families: the keys a ``model`` config section may hold."""
+  out: dict[str, type] = {}
+  for keys in family_keys().values():
+    for k, t in keys.items():
+      if out.setdefault(k, t) is not t:
+        raise TypeError(f"model key {k!r} has type {out[k]} in one family and {t} in another.")
+  return out
+
+
+def model_config(**values):
+  """A ``model`` config section (``ml_collections.ConfigDict``) holding every key of
+  :func:`model_keys`: ``values`` as given, every other key a typed placeholder (``None``: unset,
+  so the preset's value or the family's default applies; still settable from the command line).
+
+  Raises:
+    ValueError: a key of ``values`` that no model family accepts.
+  """
+  from ml_collections import config_dict
+
+  keys = model_keys()
+  unknown = sorted(set(values) - set(keys))
+  if unknown:
+    raise ValueError(f"unknown model config key(s) {unknown}; valid keys are {sorted(keys)}.")
+  return config_dict.ConfigDict(
+    {k: values[k] if k in values else config_dict.placeholder(t) for k, t in keys.items()}
+  )
+
+
+def resolved_defaults(family: str = "transformer", preset: str | None = None) -> dict[str, Any]:
+  """The value each key of ``family`` takes when unset: the preset's, else the dataclass
+  default (for ``ssm`` the decoder-only :class:`~slicjax.models.ssm.SSMConfig`'s, with the
+  encoder keys' defaults from the encoder-decoder's)."""
+  from slicjax.models import diffusion_seq, ssm_encdec
+
+  if family == "ssm":
+    out = {f.name: f.default for f in dataclasses.fields(ssm_encdec.SSMEncDecConfig)}
+    out["num_encoder_layers"] = 0
+    p = dict(PRESETS.get(preset, {}))
+    if "num_layers" in p:
+      out["n_layers"] = p.pop("num_layers")
+    return {**out, **p}
+  out = {f.name: f.default for f in dataclasses.fields(TransformerConfig)}
+  if family == "diffusion":
+    ds = {f.name: f.default for f in dataclasses.fields(diffusion_seq.DiffusionSeq2Seq)}
+    out.update(schedule="linear", num_elbo_samples=ds["num_elbo_samples"],
+               sampler_threshold=ds["sampler_threshold"], causal=False)
+  return {**out, **PRESETS.get(preset, {})}
+
+
 def _as_dict(config) -> dict[str, Any]:
   if hasattr(config, "to_dict"):
     config = config.to_dict()
   if not isinstance(config, dict):
     raise TypeError(f"model config must be a dict or ConfigDict, got {type(config).__name__}.")
-  return dict(config)
+  return {k: v for k, v in config.items() if v is not None}  # None: unset (see module doc)
 
 
 def _dataclass_from(cls, d: dict[str, Any], what: str):
@@ -57,6 +138,7 @@ def build_model(config) -> seq_model.SeqModel:
   """Returns the adapter for ``config`` (a dict or ``ml_collections.ConfigDict``).
 
   ``preset`` (optional) names an entry of :data:`PRESETS` whose values the other keys override.
+  ``None``-valued keys are unset (dropped before validation).
   """
   d = _as_dict(config)
   family = d.pop("family", "transformer")

@@ -6,12 +6,11 @@
 """
 
 from absl import flags
-from ml_collections import config_flags
 
 from slicjax import cli, distributed
 from slicjax.pipelines import calibrate
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/slic.py", "Job config.")
+_CONFIG = cli.define_config_file("config", "experiments/configs/slic.py", "Job config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints and metrics go here.")
 distributed.define_flags()
 

@@ -10,12 +10,11 @@ candidate's sequence log-likelihood; ``sim`` is filled when ``candidates.similar
 """
 
 from absl import flags
-from ml_collections import config_flags
 
 from slicjax import cli, distributed
 from slicjax.pipelines import candidates, common
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/slic.py", "Job config.")
+_CONFIG = cli.define_config_file("config", "experiments/configs/slic.py", "Job config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
 _SIMILARITY = flags.DEFINE_enum("similarity", "none", ["none", "latent", "rouge", "token_embedding"],
                                 "Also score each candidate against the target.")

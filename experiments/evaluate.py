@@ -5,12 +5,11 @@
 """
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from slicjax import cli, distributed
 from slicjax.pipelines import common, evaluate, tasks
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/slic.py", "Job config.")
+_CONFIG = cli.define_config_file("config", "experiments/configs/slic.py", "Job config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "eval.md, eval.json and plots go here.")
 _MODELS = flags.DEFINE_list("model_workdirs", None, "name=workdir pairs, the first decodes the "
                             "calibration-report candidates.")

@@ -9,14 +9,11 @@ reference log-probs. Resumable: rerun the same command after an interruption.
 """
 
 from absl import flags
-from ml_collections import config_flags
 
 from slicjax import cli, distributed
 from slicjax.pipelines import common, rso
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", "experiments/configs/preference.py", "Job config."
-)
+_CONFIG = cli.define_config_file("config", "experiments/configs/preference.py", "Job config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory for the pair chunks.")
 distributed.define_flags()
 

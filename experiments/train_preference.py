@@ -10,14 +10,11 @@ synthetic-gold experiment comparing them.
 """
 
 from absl import flags
-from ml_collections import config_flags
 
 from slicjax import cli, config_help, distributed
 from slicjax.pipelines import gold_experiment, preference
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", "experiments/configs/preference.py", "Job config."
-)
+_CONFIG = cli.define_config_file("config", "experiments/configs/preference.py", "Job config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and summaries.")
 _EXPERIMENT = flags.DEFINE_enum(
   "experiment",

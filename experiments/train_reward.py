@@ -7,14 +7,11 @@ pairs and report held-out pair accuracy.
 """
 
 from absl import flags
-from ml_collections import config_flags
 
 from slicjax import cli, distributed
 from slicjax.pipelines import reward
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", "experiments/configs/preference.py", "Job config."
-)
+_CONFIG = cli.define_config_file("config", "experiments/configs/preference.py", "Job config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and reward_eval.json.")
 distributed.define_flags()
 

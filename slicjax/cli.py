@@ -1,7 +1,7 @@
 """What every ``experiments/`` binary shares: ``--helpconfig``, required flags and exit codes.
 
-A binary defines its own flags, then ends with ``cli.run(main, config=_CONFIG,
-required=["workdir"])`` instead of ``app.run(main)``:
+A binary defines its flags (``--config`` with :func:`define_config_file`), then ends with
+``cli.run(main, config=_CONFIG, required=["workdir"])`` instead of ``app.run(main)``:
 
 * ``--helpconfig`` prints every key of the binary's config (after any ``--config.*``
   overrides) with its value and one line of meaning (:mod:`slicjax.config_help`) and exits 0
@@ -97,7 +97,44 @@ def run(
       return EXIT_OK
     return run_main(main, argv, resumable_on_sigterm=resumable_on_sigterm)
 
-  app.run(wrapped)
+  app.run(wrapped, flags_parser=_parse_flags)
+
+
+def define_config_file(name: str, default: str, help_string: str):
+  """``config_flags.DEFINE_config_file`` whose override errors are usage errors: without
+  ``--config`` on the command line ml_collections loads the default file (and applies the
+  ``--config.<key>`` overrides) right here, at definition."""
+  from ml_collections import config_flags
+
+  try:
+    return config_flags.DEFINE_config_file(name, default, help_string)
+  except (AttributeError, KeyError) as e:
+    _override_error(e)
+
+
+def _override_error(e: BaseException):
+  sys.stderr.write(
+    f"FATAL Flags parsing error: {_message(e)}\n(a --config.<key> override names a key the "
+    "config does not have; --helpconfig lists every key)\n"
+  )
+  sys.exit(EXIT_FAILURE)
+
+
+def _message(e: BaseException) -> str:
+  while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError(...))
+    e = e.args[0]
+  return str(e.args[0]) if e.args else str(e)
+
+
+def _parse_flags(argv):
+  """absl's parser, plus a usage error (not a traceback) for a ``--config.<key>`` override of
+  a key the config does not have (ml_collections raises AttributeError / KeyError)."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    if not any(a.lstrip("-").partition("=")[0].count(".") for a in argv[1:]):
+      raise
+    _override_error(e)
 
 
 def help_text(*, config=None, describe: Callable[[], str] | None = None) -> str:

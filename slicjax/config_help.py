@@ -3,7 +3,7 @@
 The key tables themselves stay where the code checks them (``tasks.DATA_KEYS``,
 ``mle.TRAIN_KEYS``, ``optim.DEFAULTS``, the model config dataclasses via
 :func:`slicjax.models.factory.model_keys`, ...). This module holds a ``*_DOCS`` dict per table
-with the same keys; :func:`section_tables` pairs each config section with its table and docs,
+with the same keys; :data:`SECTIONS` pairs each config section with its table and docs,
 and ``tests/test_cli.py`` fails when a checked key has no description here (or a description
 names a key the code no longer checks), so the help cannot drift from the code.
 
@@ -285,36 +285,45 @@ SECTION_DOCS = {
 }
 
 
+# Each config section -> (module, attribute) of the key table its job checks, and its docs.
+# ("slicjax.models.factory", "model_keys") is called: the union of the model dataclasses' fields.
+SECTIONS: dict[str, tuple[str, str, dict[str, str]]] = {
+  "model": ("slicjax.models.factory", "model_keys", MODEL_DOCS),
+  "reward_model": ("slicjax.models.factory", "model_keys", MODEL_DOCS),
+  "data": ("slicjax.pipelines.tasks", "DATA_KEYS", DATA_DOCS),
+  "optimizer": ("slicjax.optim", "DEFAULTS", OPTIMIZER_DOCS),
+  "reward_optimizer": ("slicjax.optim", "DEFAULTS", OPTIMIZER_DOCS),
+  "calibrate_optimizer": ("slicjax.optim", "DEFAULTS", OPTIMIZER_DOCS),
+  "preference_optimizer": ("slicjax.optim", "DEFAULTS", OPTIMIZER_DOCS),
+  "train": ("slicjax.pipelines.mle", "TRAIN_KEYS", TRAIN_DOCS),
+  "pretrained": ("slicjax.pipelines.common", "PRETRAINED_KEYS", PRETRAINED_DOCS),
+  "lora": ("slicjax.pipelines.common", "LORA_KEYS", LORA_DOCS),
+  "candidates": ("slicjax.pipelines.candidates", "CANDIDATE_KEYS", CANDIDATE_DOCS),
+  "calibrate": ("slicjax.pipelines.calibrate", "CALIBRATE_KEYS", CALIBRATE_DOCS),
+  "evaluate": ("slicjax.pipelines.evaluate", "EVAL_KEYS", EVAL_DOCS),
+  "reward": ("slicjax.pipelines.reward", "REWARD_KEYS", REWARD_DOCS),
+  "rso": ("slicjax.pipelines.rso", "RSO_KEYS", RSO_DOCS),
+  "preference": ("slicjax.pipelines.preference", "PREFERENCE_KEYS", PREFERENCE_DOCS),
+  "human": ("slicjax.pipelines.gold_experiment", "HUMAN_KEYS", HUMAN_DOCS),
+  "experiment": ("slicjax.pipelines.gold_experiment", "EXPERIMENT_KEYS", EXPERIMENT_DOCS),
+}
+
+
+def section_table(section: str) -> tuple[dict[str, Any], dict[str, str]] | None:
+  """``(checked key table, docs)`` of a config section (its module imported only now), or
+  None for a section no job checks."""
+  if section not in SECTIONS:
+    return None
+  import importlib
+
+  module, attr, docs = SECTIONS[section]
+  table = getattr(importlib.import_module(module), attr)
+  return (table() if callable(table) else table), docs
+
+
 def section_tables() -> dict[str, tuple[dict[str, Any], dict[str, str]]]:
   """``{section: (checked key table, docs)}`` for every config section a job reads."""
-  from slicjax import optim
-  from slicjax.models import factory
-  from slicjax.pipelines import (
-    calibrate,
-    candidates,
-    common,
-    evaluate,
-    gold_experiment,
-    mle,
-    preference,
-    reward,
-    rso,
-    tasks,
-  )
-
-  model = (factory.model_keys(), MODEL_DOCS)
-  opt = (optim.DEFAULTS, OPTIMIZER_DOCS)
-  return dict(
-    model=model, reward_model=model, data=(tasks.DATA_KEYS, DATA_DOCS), optimizer=opt,
-    reward_optimizer=opt, calibrate_optimizer=opt, preference_optimizer=opt,
-    train=(mle.TRAIN_KEYS, TRAIN_DOCS), pretrained=(common.PRETRAINED_KEYS, PRETRAINED_DOCS),
-    lora=(common.LORA_KEYS, LORA_DOCS), candidates=(candidates.CANDIDATE_KEYS, CANDIDATE_DOCS),
-    calibrate=(calibrate.CALIBRATE_KEYS, CALIBRATE_DOCS), evaluate=(evaluate.EVAL_KEYS, EVAL_DOCS),
-    reward=(reward.REWARD_KEYS, REWARD_DOCS), rso=(rso.RSO_KEYS, RSO_DOCS),
-    preference=(preference.PREFERENCE_KEYS, PREFERENCE_DOCS),
-    human=(gold_experiment.HUMAN_KEYS, HUMAN_DOCS),
-    experiment=(gold_experiment.EXPERIMENT_KEYS, EXPERIMENT_DOCS),
-  )
+  return {section: section_table(section) for section in SECTIONS}
 
 
 def _families(key: str) -> str:
@@ -328,11 +337,10 @@ def key_doc(section: str | None, key: str) -> str | None:
   """The description of ``section.key`` (``section=None``: a top-level key), or None."""
   if section is None:
     return TOP_LEVEL_DOCS.get(key)
-  table = section_tables().get(section)
-  if table is None or key not in table[1]:
+  docs = SECTIONS[section][2] if section in SECTIONS else {}
+  if key not in docs:
     return None
-  prefix = _families(key) if table[1] is MODEL_DOCS else ""
-  return prefix + table[1][key]
+  return (_families(key) if docs is MODEL_DOCS else "") + docs[key]
 
 
 def _value(v) -> str:

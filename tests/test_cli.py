@@ -76,6 +76,11 @@ for name, argv in runs.items():
         print(e.code, file=sys.stderr)
     except BaseException:
       import traceback; traceback.print_exc(); code = 1
+    try:  # did the run start a JAX backend (devices)?
+      from jax._src import xla_bridge
+      print(f"\nJAX_BACKENDS={len(xla_bridge._backends)}", file=sys.stderr)
+    except (ImportError, AttributeError):
+      print("\nJAX_BACKENDS=?", file=sys.stderr)
     sys.stdout.flush(); sys.stderr.flush()
     os._exit(code)
   _, status = os.waitpid(pid, 0)
@@ -173,6 +178,7 @@ def test_config_files_hold_every_model_key_and_describe_every_key(name):
 def test_helpconfig_lists_every_key(helpconfig_runs, binary):
   rc, stdout, stderr = helpconfig_runs[binary]
   assert rc == 0, stderr[-3000:]
+  assert "JAX_BACKENDS=0" in stderr or "JAX_BACKENDS=?" in stderr  # no device was started
   assert config_help.UNDOCUMENTED not in stdout
   if binary == "export":
     listed = _setting_lines(stdout, "")

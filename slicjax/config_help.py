@@ -76,6 +76,7 @@ DATA_DOCS = {
   "cache_dir": "Where trained tokenizers are cached; empty = the default cache.",
   "train_path": "jsonl: the training file, one JSON object per line.",
   "eval_path": "jsonl: the evaluation file; empty = the last 10% of train_path.",
+  "test_path": "jsonl: an optional test file (evaluate.split=test).",
   "input_key": "jsonl: the field holding the input text.",
   "target_key": "jsonl: the field holding the target text.",
   "tokenizer_path": "An existing SentencePiece .model to use instead of training one.",
@@ -112,6 +113,7 @@ TRAIN_DOCS = {
   "label_smoothing": "Label smoothing of the token cross-entropy.",
   "z_loss": "Weight of the log-partition (z) loss.",
   "progress": "Show a progress bar.",
+  "keep_best": "With eval_every > 0: keep the best-validation params in <workdir>/best.",
 }
 
 PRETRAINED_DOCS = {
@@ -169,12 +171,13 @@ CALIBRATE_DOCS = {
   "keep_checkpoints": "Checkpoints kept on disk.",
   "seed": "Seed.",
   "progress": "Show a progress bar.",
+  "allow_partial_candidates": "Accept a candidate set whose generation stopped part-way.",
 }
 
 EVAL_DOCS = {
   "beam_sizes": "Beam sizes of the quality grid (1 = greedy).",
   "alphas": "Length-penalty exponents of the quality grid.",
-  "num_examples": "Validation examples evaluated.",
+  "num_examples": "Examples evaluated; 0 = the whole split.",
   "batch_size": "Examples per decoding batch.",
   "calibration_candidates": "Candidates per example in the likelihood-quality report.",
   "repetition_ngram": "n of the repeated-n-gram rate.",
@@ -182,6 +185,7 @@ EVAL_DOCS = {
   "progress": "Show a progress bar.",
   "length_penalty_style": "Beam length penalty: gnmt or power.",
   "finish_top_2k": "Beam: keep finished hypotheses ranked in the top 2K (T5X style).",
+  "split": "Split evaluated: validation (choosing recipes) or test (the report).",
 }
 
 REWARD_DOCS = {

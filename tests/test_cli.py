@@ -256,6 +256,14 @@ def test_model_overrides_of_other_families():
   assert factory.build_model(config.model).module.config.encoder_position == "rope"
 
 
+def test_effective_model_config_resolves_unset_keys():
+  config = _parse("mle", "--config.model.d_model=96")
+  eff = factory.effective_model_config(config.model)
+  assert (eff["d_model"], eff["num_layers"], eff["rope_theta"]) == (96, 3, 10000.0)
+  eff = factory.effective_model_config(dict(family="ssm", preset="tiny", num_layers=1))
+  assert (eff["n_layers"], eff["d_state"]) == (1, 16)
+
+
 def test_model_typos_still_fail():
   with pytest.raises((AttributeError, KeyError), match="num_layer"):  # cli.run: a usage error
     _parse("mle", "--config.model.num_layer=2")

@@ -118,6 +118,18 @@ def resolved_defaults(family: str = "transformer", preset: str | None = None) ->
   return {**out, **PRESETS.get(preset, {})}
 
 
+def effective_model_config(config) -> dict[str, Any]:
+  """Every key of ``config``'s family with the value :func:`build_model` uses: the set keys,
+  else the preset's value, else the family's default (unset keys resolved, for messages that
+  compare two model configs)."""
+  d = _as_dict(config)
+  family = d.get("family") or "transformer"
+  preset = d.get("preset")
+  if family == "ssm" and preset is not None and "num_layers" in d:
+    d.setdefault("n_layers", d.pop("num_layers"))
+  return {**resolved_defaults(family, preset), **d}
+
+
 def _as_dict(config) -> dict[str, Any]:
   if hasattr(config, "to_dict"):
     config = config.to_dict()

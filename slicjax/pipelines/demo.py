@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import ml_collections
 
+from slicjax import training
 from slicjax.evaluation import metrics
 from slicjax.pipelines import common
 
@@ -124,6 +125,8 @@ class Stages:
       status = "done"
     except ImportError as e:
       out, status = None, f"missing ({e})"
+    except training.Preempted:  # checkpoint written: the binary exits 75, a rerun resumes
+      raise
     except Exception as e:  # noqa: BLE001 - recorded in the report and re-raised at the end
       out, status = None, f"failed: {type(e).__name__}: {e}"
       traceback.print_exc()

@@ -156,9 +156,15 @@ def model_matches_run(config, path: str, key: str) -> None:
   fix = "set --config.model.<key> to the run's values (its config.json 'model' section)"
   cfg_path = os.path.join(os.path.abspath(path), "config.json")
   if os.path.isfile(cfg_path):
+    from slicjax.models import factory
+
     with open(cfg_path) as f:
       run_model = json.load(f).get("model") or {}
-    job_model = common.to_dict(config.model)
+    try:  # compare resolved values: unset keys take the preset's / family's default
+      run_model = factory.effective_model_config(run_model)
+      job_model = factory.effective_model_config(common.to_dict(config.model))
+    except (ValueError, TypeError):
+      job_model = common.to_dict(config.model)
     keys = sorted(k for k in run_model if run_model[k] != job_model.get(k))
     if keys:
       fix = "set " + " ".join(f"--config.model.{k}={run_model[k]}" for k in keys) + (

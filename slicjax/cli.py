@@ -92,6 +92,7 @@ def run(
     )
 
   def wrapped(argv):
+    _check_config_loaded(config)
     if flags.FLAGS.helpconfig:
       print(help_text(config=config, describe=describe), end="")
       return EXIT_OK
@@ -110,6 +111,28 @@ def define_config_file(name: str, default: str, help_string: str):
     return config_flags.DEFINE_config_file(name, default, help_string)
   except (AttributeError, KeyError) as e:
     _override_error(e)
+
+
+def _check_config_loaded(config):
+  """A ``--config`` file that is missing or fails to import is a one-line usage error (exit
+  1) naming the file and the cause, not a traceback from the first key the job reads."""
+  if config is None:
+    return
+  try:
+    config.value.keys()
+  except OSError as e:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    cause = next((ln for ln in lines if ln.startswith("[Errno") or "Error" in ln.split(":")[0]),
+                 lines[-1] if lines else str(e))
+    from ml_collections import config_flags
+
+    path = config_flags.get_config_filename(flags.FLAGS[config.name])
+    sys.stderr.write(
+      f"FATAL Flags parsing error: --{config.name}={path} could not be loaded ({cause}); pass "
+      "an existing config file, e.g. --config=experiments/configs/mle.py (relative paths "
+      "start at the working directory).\n"
+    )
+    sys.exit(EXIT_FAILURE)
 
 
 def _override_error(e: BaseException):

@@ -100,6 +100,8 @@ def helpconfig_runs():
   runs["train --help"] = ["train", "--help"]
   runs["train (no --workdir)"] = ["train"]
   runs["train (typo)"] = ["train", "--workdir=/nonexistent", "--config.model.num_layer=2"]
+  runs["train (no config file)"] = ["train", "--workdir=/nonexistent",
+                                    "--config=experiments/configs/nope.py"]
   p = subprocess.run([sys.executable, "-c", _FORK_RUNNER, ROOT, json.dumps(runs)], cwd=ROOT,
                      env=_env(), capture_output=True, text=True, timeout=300)
   assert p.returncode == 0, p.stderr[-3000:]
@@ -214,6 +216,10 @@ def test_helpconfig_shows_overrides_and_usage(helpconfig_runs):
   rc, stdout, stderr = helpconfig_runs["train (typo)"]
   assert rc == 1 and "num_layers" in stderr and "--helpconfig" in stderr
   assert "Traceback" not in stderr
+  rc, stdout, stderr = helpconfig_runs["train (no config file)"]
+  assert rc == 1 and "Traceback" not in stderr, stderr[-2000:]
+  assert re.search(r"--config=experiments/configs/nope\.py could not be loaded \(\[Errno 2\] "
+                   r"No such file or directory.*pass an existing config file", stderr), stderr
 
 
 # ------------------------------------------------------------------------------------------

@@ -21,14 +21,18 @@ def main(argv):
   distributed.initialize_from_flags()
   common.log_devices()
   config = _CONFIG.value
-  models = {}
+  workdirs = {}
   for item in _MODELS.value:
     if "=" not in item:
       raise app.UsageError(f"--model_workdirs expects name=workdir, got {item!r}.")
     name, wd = item.split("=", 1)
-    models[name] = common.params_from(config, wd, "--model_workdirs")
-  data = tasks.load(config, batch_size=config.evaluate.batch_size)
+    workdirs[name] = wd
+  evaluate.validate(config, workdirs)  # before anything loads
   out = common.prepare_workdir(_WORKDIR.value, config)
+  models = {
+    name: common.params_from(config, wd, "--model_workdirs") for name, wd in workdirs.items()
+  }
+  data = tasks.load(config, batch_size=config.evaluate.batch_size)
   result = evaluate.run(models, common.model_from(config), data, config, out)
   print(evaluate.markdown_table(result["grid"], result["rank_correlation"],
                                result["paired_differences"]))

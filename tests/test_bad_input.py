@@ -273,6 +273,12 @@ CASES = [
       model=dict(family="diffusion"), calibrate=dict(candidates_dir=t, regularizer="kl")),
       os.path.join(t, "cal"))), ValueError,
    r"calibrate\.regularizer='kl' needs per-token logits.*use regularizer=ce"),
+  ("eval-beam-size-zero", lambda t: __import__("slicjax.pipelines.evaluate", fromlist=["x"])
+   .validate(_smoke(evaluate=dict(beam_sizes=(1, 0))), {}), ValueError,
+   r"evaluate\.beam_sizes\[\.\.\.\]=0 must be an integer >= 1"),
+  ("eval-model-workdir-missing", lambda t: __import__("slicjax.pipelines.evaluate",
+   fromlist=["x"]).validate(_smoke(), {"calibrated": os.path.join(t, "cal")}), ValueError,
+   r"--model_workdirs calibrated=<?.*cal does not exist"),
   ("nan-reward", lambda t: __import__("slicjax.pipelines.rso", fromlist=["x"]).check_rewards(
     np.array([[0.1, np.nan, 0.3]]), np.array([[True, True, True]]), [5], "model"),
    ValueError, r"1 non-finite reward\(s\) \(first: nan for sample 1 of prompt 5\)"),
@@ -352,6 +358,8 @@ DESCRIPTIONS = {
   'rso-beta-nan': '`rso.beta` NaN or <= 0',
   'candidates-partial': 'calibrating on a candidate set whose generation stopped part-way',
   'diffusion-kl-regularizer': 'a KL regularizer on a diffusion model (no per-token logits)',
+  'eval-beam-size-zero': 'a beam size below 1 in `evaluate.beam_sizes`',
+  'eval-model-workdir-missing': 'evaluating a model workdir that does not exist',
   'nan-reward': 'a reward model that returns NaN/inf',
 }
 

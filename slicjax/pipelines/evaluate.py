@@ -36,6 +36,25 @@ def eval_config(config) -> dict[str, Any]:
   return c
 
 
+def validate(config, workdirs: dict[str, str]) -> dict[str, Any]:
+  """Up-front checks of an evaluation job: the config's values and every model's workdir
+  (exists, holds a checkpoint, fits ``config.model``), before any data or weights load."""
+  from slicjax.pipelines import validation
+
+  c = eval_config(config)
+  if not c["beam_sizes"] or not c["alphas"]:
+    raise ValueError("evaluate.beam_sizes and evaluate.alphas need at least one value each.")
+  for b in c["beam_sizes"]:
+    validation.count(b, "evaluate.beam_sizes[...]")
+  for k in ("batch_size", "calibration_candidates"):
+    validation.count(c[k], f"evaluate.{k}")
+  validation.count(c["num_examples"], "evaluate.num_examples", minimum=0)
+  for name, wd in workdirs.items():
+    validation.run_dir(wd, f"--model_workdirs {name}")
+    validation.model_matches_run(config, wd, f"--model_workdirs {name}")
+  return c
+
+
 def _examples(data, c):
   """The first ``num_examples`` (0 = all) of the evaluated split."""
   ex = data.split_examples(c["split"])

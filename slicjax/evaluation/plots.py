@@ -1,20 +1,25 @@
-"""Plots for reports (matplotlib, Agg backend: works headless)."""
+"""Plots for reports. Figures are made with matplotlib's object API (``Figure``, not pyplot),
+so they render headless and never change the backend of the process that imports this (a
+notebook keeps showing its own ``plt.show()`` plots)."""
 
 from __future__ import annotations
 
-import matplotlib
+from matplotlib import colormaps
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+
+def _subplots(figsize):
+  fig = Figure(figsize=figsize, dpi=120)
+  return fig, fig.subplots()
 
 
 def quality_vs_beam(rows, path: str, metric: str = "rougeL"):
   """Quality vs beam size, one line per (model, length penalty); log2 x axis. A model keeps
   one color; α = 0 is solid, α > 0 dashed. The legend sits outside the axes."""
-  fig, ax = plt.subplots(figsize=(7.6, 4.2), dpi=120)
+  fig, ax = _subplots((7.6, 4.2))
   keys = sorted({(r["model"], r["alpha"]) for r in rows})
   models = list(dict.fromkeys(k[0] for k in keys))
-  colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(models)}
+  colors = {m: colormaps["tab10"](i % 10) for i, m in enumerate(models)}
   greedy = {r["model"]: r for r in rows if r["beam"] == 1}
   for model, alpha in keys:
     pts = sorted((r["beam"], r[metric]) for r in rows
@@ -32,14 +37,13 @@ def quality_vs_beam(rows, path: str, metric: str = "rougeL"):
   ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
   fig.tight_layout()
   fig.savefig(path)
-  plt.close(fig)
   return path
 
 
 def training_curves(series: dict[str, list[tuple[int, float]]], path: str, ylabel: str = "loss"):
   """One line per named series of ``(step, value)``; short series (<= 30 points) get markers,
   so a run logged once or twice still shows its points."""
-  fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+  fig, ax = _subplots((6.4, 4.2))
   for name, pts in series.items():
     if pts:
       ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name,
@@ -50,5 +54,4 @@ def training_curves(series: dict[str, list[tuple[int, float]]], path: str, ylabe
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path)
-  plt.close(fig)
   return path

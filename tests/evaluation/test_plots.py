@@ -22,3 +22,15 @@ def test_single_point_training_curve_is_drawn(tmp_path):
   many = plots.training_curves({"MLE loss": [(i, 1.0 / (i + 1)) for i in range(100)]},
                                str(tmp_path / "many.png"))
   assert _series_pixels(many) > _series_pixels(one)
+
+
+def test_importing_plots_keeps_the_callers_matplotlib_backend():
+  import subprocess
+  import sys
+
+  code = ("import matplotlib; matplotlib.use('svg'); from slicjax.evaluation import plots; "
+          "plots.training_curves({'x': [(1, 1.0)]}, '/dev/null'); "
+          "print(matplotlib.get_backend())")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == "svg"  # a notebook's inline backend survives a report

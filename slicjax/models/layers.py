@@ -107,7 +107,12 @@ class Embed(nn.Module):
     return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
 
   def attend(self, x):
-    return jnp.einsum("...d,vd->...v", x, self.embedding.astype(self.dtype))
+    """Tied logits: the matmul runs in ``dtype`` (bfloat16 on accelerators) and accumulates and
+    returns float32, so low-precision compute does not round the logits to bfloat16."""
+    return jnp.einsum(
+      "...d,vd->...v", x.astype(self.dtype), self.embedding.astype(self.dtype),
+      preferred_element_type=jnp.float32,
+    )
 
 
 def rope(x_BxLxHxK, positions_BxL, theta: float):
@@ -178,6 +183,9 @@ class Attention(nn.Module):
   algorithms can repeat and reorder it along axis 0. A caller that tracks the write position
   itself (the scanned layer stack: one position for all layers) passes ``cache_index_B`` and the
   module keeps no ``cache_index`` of its own.
+
+  Attention logits accumulate in float32 and the softmax runs in float32 whatever ``dtype`` is;
+  the probabilities are cast back to ``dtype`` for the value matmul.
   """
 
   num_heads: int
@@ -278,7 +286,7 @@ class Attention(nn.Module):
         bias_BxHxQxK = bias_BxHxQxK[..., :size]
     b, lq, g, r, k = qg.shape
     s = key.shape[1]
-    logits = jnp.einsum("bqgrk,bsgk->bgrqs", qg, key).astype(jnp.float32)
+    logits = jnp.einsum("bqgrk,bsgk->bgrqs", qg, key, preferred_element_type=jnp.float32)
     logits = logits.reshape(b, g * r, lq, s)
     if bias_BxHxQxK is not None:
       logits = logits + bias_BxHxQxK.astype(jnp.float32)

@@ -22,11 +22,16 @@ at the stack's ``position`` (no per-layer ``cache_index``). :func:`stack_layer_p
 :func:`unstack_layer_params` convert parameter trees between the two layouts; code that walks
 parameters by per-layer path (LoRA targets, optimizer ``freeze`` patterns naming ``layer_N``,
 Hugging Face / GGUF import and export) expects the unscanned layout: unstack first.
+
+Precision: ``dtype="bfloat16"`` with ``param_dtype="float32"`` runs the matmuls in bfloat16
+from float32 parameters (Flax casts each kernel at use); norms, RoPE, the attention softmax and
+the logits are float32 (attention logits and the vocabulary projection accumulate in float32).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -340,6 +345,8 @@ class _OutputHead(nn.Module):
         kernel_init=nn.with_logical_partitioning(
           nn.initializers.variance_scaling(1.0, "fan_in", "normal"), ("embed", "vocab")
         ),
+        # bf16 compute: accumulate and return float32 logits (as Embed.attend does when tied)
+        dot_general=functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32),
         name="lm_head",
       )(h)
     logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))

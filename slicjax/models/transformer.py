@@ -241,11 +241,15 @@ class Stack(nn.Module):
       # One block traced once and run num_layers times: params (and the decode cache) gain a
       # layer axis; every other input is the same for all layers (broadcast). The cache keeps
       # batch first (layer axis 1) and the layers write at the stack's position, start_B.
+      # Decoding unrolls the loop: a rolled scan over the cache (transposed to layer-first,
+      # sliced, restacked every step) took 3.6x the unrolled stack's greedy decode time on CPU,
+      # unrolled 1.5-2.1x (d_model 128, 8 layers); training, the point of scanning, stays rolled.
       block_cls = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
       scanned = nn.scan(
         block_cls, variable_axes={"params": 0, "cache": 1},
         split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,) * 6,
         length=self.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
+        unroll=self.num_layers if decode else 1,
       )
       x, _ = scanned(
         cfg, self.causal, self.cross, decode, deterministic, scanned=True, name="layers"

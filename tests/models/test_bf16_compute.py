@@ -38,15 +38,14 @@ def _eqns(jaxpr):
           yield from _eqns(inner)
 
 
-@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-def test_bf16_logits_loss_and_grads_close_to_f32(tied):
-  f32, bf16, params = _setup(tie_embeddings=tied)
+def test_bf16_logits_loss_and_grads_close_to_f32():
+  f32, bf16, params = _setup(tie_embeddings=True)
   lp32 = jax.nn.log_softmax(TransformerLM(f32).apply({"params": params}, TOKENS[:, :-1]))
   logits16 = TransformerLM(bf16).apply({"params": params}, TOKENS[:, :-1])
   assert logits16.dtype == jnp.float32
   lp16 = jax.nn.log_softmax(logits16)
   # measured on CPU (XLA, jax 0.10.2): max |dlogp| 0.066 (mean 0.009) over 4096 log-probs,
-  # loss rel. diff ~3e-4, gradient cosine 0.99986 (tied and untied alike)
+  # loss rel. diff ~3e-4, gradient cosine 0.99986 (untied: the same to 2 digits)
   assert float(jnp.max(jnp.abs(lp16 - lp32))) < 0.1
   l32, g32 = jax.value_and_grad(_loss)(params, f32)
   l16, g16 = jax.value_and_grad(_loss)(params, bf16)

@@ -46,7 +46,7 @@ def _pair(**kw):
 def test_scanned_equals_unrolled_scoring_and_decoding(name):
   unrolled, scanned, params, stacked = _pair(**VARIANTS[name])
   # the stacked tree has exactly the scanned model's own init shapes
-  own = scanned.init(jax.random.PRNGKey(2))
+  own = jax.eval_shape(scanned.init, jax.random.PRNGKey(2))
   assert jax.tree.map(jnp.shape, own) == jax.tree.map(jnp.shape, stacked)
   a = scoring.score_targets(unrolled, params, BATCH)["logits"]
   b = scoring.score_targets(scanned, stacked, BATCH)["logits"]

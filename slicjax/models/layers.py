@@ -32,6 +32,12 @@ def dtype_of(name: str | Dtype) -> Dtype:
   return name
 
 
+def accum_dtype(dtype: Dtype) -> Dtype:
+  """Accumulation / output dtype of a matmul that must not round to low precision: float32 for
+  bfloat16 / float16 compute, the compute dtype itself when wider (float64)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def constrain(x, names):
   return nn.with_logical_constraint(x, names)
 
@@ -111,7 +117,7 @@ class Embed(nn.Module):
     returns float32, so low-precision compute does not round the logits to bfloat16."""
     return jnp.einsum(
       "...d,vd->...v", x.astype(self.dtype), self.embedding.astype(self.dtype),
-      preferred_element_type=jnp.float32,
+      preferred_element_type=accum_dtype(self.dtype),
     )
 
 
@@ -286,7 +292,9 @@ class Attention(nn.Module):
         bias_BxHxQxK = bias_BxHxQxK[..., :size]
     b, lq, g, r, k = qg.shape
     s = key.shape[1]
-    logits = jnp.einsum("bqgrk,bsgk->bgrqs", qg, key, preferred_element_type=jnp.float32)
+    logits = jnp.einsum(
+      "bqgrk,bsgk->bgrqs", qg, key, preferred_element_type=accum_dtype(qg.dtype)
+    ).astype(jnp.float32)
     logits = logits.reshape(b, g * r, lq, s)
     if bias_BxHxQxK is not None:
       logits = logits + bias_BxHxQxK.astype(jnp.float32)

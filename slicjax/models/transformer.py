@@ -350,7 +350,9 @@ class _OutputHead(nn.Module):
           nn.initializers.variance_scaling(1.0, "fan_in", "normal"), ("embed", "vocab")
         ),
         # bf16 compute: accumulate and return float32 logits (as Embed.attend does when tied)
-        dot_general=functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32),
+        dot_general=functools.partial(
+          jax.lax.dot_general, preferred_element_type=layers.accum_dtype(layers.dtype_of(cfg.dtype))
+        ),
         name="lm_head",
       )(h)
     logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))

@@ -32,6 +32,12 @@ def dtype_of(name: str | Dtype) -> Dtype:
   return name
 
 
+def accum_dtype(dtype: Dtype) -> Dtype:
+  """Accumulation / output dtype of a matmul that must not round to low precision: float32 for
+  bfloat16 / float16 compute, the compute dtype itself when wider (float64)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def constrain(x, names):
   return nn.with_logical_constraint(x, names)
 
@@ -107,7 +113,12 @@ class Embed(nn.Module):
     return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
 
   def attend(self, x):
-    return jnp.einsum("...d,vd->...v", x, self.embedding.astype(self.dtype))
+    """Tied logits: the matmul runs in ``dtype`` (bfloat16 on accelerators) and accumulates and
+    returns float32, so low-precision compute does not round the logits to bfloat16."""
+    return jnp.einsum(
+      "...d,vd->...v", x.astype(self.dtype), self.embedding.astype(self.dtype),
+      preferred_element_type=accum_dtype(self.dtype),
+    )
 
 
 def rope(x_BxLxHxK, positions_BxL, theta: float):
@@ -175,7 +186,12 @@ class Attention(nn.Module):
 
   The cache (collection ``cache``) holds ``cached_key``/``cached_value`` ``[B, max_len, G, K]`` and
   ``cache_index`` ``[B]`` (slots written per row); every leaf is batch-leading so decoding
-  algorithms can repeat and reorder it along axis 0.
+  algorithms can repeat and reorder it along axis 0. A caller that tracks the write position
+  itself (the scanned layer stack: one position for all layers) passes ``cache_index_B`` and the
+  module keeps no ``cache_index`` of its own.
+
+  Attention logits accumulate in float32 and the softmax runs in float32 whatever ``dtype`` is;
+  the probabilities are cast back to ``dtype`` for the value matmul.
   """
 
   num_heads: int
@@ -196,7 +212,7 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(
     self, x_q, x_kv, mask_BxQxK, bias_BxHxQxK=None, q_pos=None, k_pos=None, *, decode=False,
-    deterministic=True,
+    deterministic=True, cache_index_B=None,
   ):
     h, g, k = self.num_heads, self.num_kv_heads, self.head_dim
     if h % g:
@@ -224,16 +240,21 @@ class Attention(nn.Module):
       is_init = not self.has_variable("cache", "cached_key")
       ck = self.variable("cache", "cached_key", jnp.zeros, (b, self.max_len, g, k), key.dtype)
       cv = self.variable("cache", "cached_value", jnp.zeros, (b, self.max_len, g, k), value.dtype)
-      ci = self.variable("cache", "cache_index", jnp.zeros, (b,), jnp.int32)
-      if not is_init:
+      if cache_index_B is None:
+        ci = self.variable("cache", "cache_index", jnp.zeros, (b,), jnp.int32)
         idx = ci.value
+      else:
+        ci, idx = None, cache_index_B
+      if not is_init:
 
         def write(buf, new, i):
           return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (i, 0, 0))
 
         ck.value = jax.vmap(write)(ck.value, key, idx)
         cv.value = jax.vmap(write)(cv.value, value, idx)
-        ci.value = idx + lq
+        filled_B = idx + lq
+        if ci is not None:
+          ci.value = filled_B
       key, value = ck.value, cv.value
 
     b, lq = q.shape[0], q.shape[1]
@@ -245,7 +266,7 @@ class Attention(nn.Module):
       # Decode cost that follows the filled cache: attend over the smallest bucket of slots
       # holding every written entry (slots past a row's index are masked, so the result is the
       # same as over the whole buffer); lax.switch runs only the chosen bucket's branch.
-      filled = jnp.max(ci.value)
+      filled = jnp.max(filled_B)
       if isinstance(filled, jax.core.Tracer):
         branches = [functools.partial(self._attend, size=n) for n in sizes]
         which = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), filled, side="left")
@@ -271,7 +292,9 @@ class Attention(nn.Module):
         bias_BxHxQxK = bias_BxHxQxK[..., :size]
     b, lq, g, r, k = qg.shape
     s = key.shape[1]
-    logits = jnp.einsum("bqgrk,bsgk->bgrqs", qg, key).astype(jnp.float32)
+    logits = jnp.einsum(
+      "bqgrk,bsgk->bgrqs", qg, key, preferred_element_type=accum_dtype(qg.dtype)
+    ).astype(jnp.float32)
     logits = logits.reshape(b, g * r, lq, s)
     if bias_BxHxQxK is not None:
       logits = logits + bias_BxHxQxK.astype(jnp.float32)

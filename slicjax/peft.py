@@ -119,6 +119,15 @@ def _target_regex(targets: str) -> re.Pattern:
 
 
 def _targeted(base, targets: str):
+  stacked = [p for p in (_path for _path, _ in jax.tree_util.tree_flatten_with_path(base)[0])
+             if "layers" in [_key_str(k) for k in p]]
+  if stacked:
+    raise ValueError(
+      "LoRA needs one kernel per layer, but these params are a scanned layer stack "
+      "(scan_layers=True: a leading layer axis under .../layers/...); unstack them with "
+      "slicjax.models.transformer.unstack_layer_params and build the model with "
+      "scan_layers=False."
+    )
   regex = _target_regex(targets)
   kernels = _kernels(base)
   chosen = [(k, s) for k, s in kernels if regex.search("/".join(k))]

@@ -279,6 +279,11 @@ CASES = [
   ("eval-model-workdir-missing", lambda t: __import__("slicjax.pipelines.evaluate",
    fromlist=["x"]).validate(_smoke(), {"calibrated": os.path.join(t, "cal")}), ValueError,
    r"--model_workdirs calibrated=<?.*cal does not exist"),
+  ("lora-on-scanned-layers", lambda t: __import__("slicjax.peft", fromlist=["x"]).add_lora(
+    build_model(dict(TINY, scan_layers=True)), build_model(dict(TINY, scan_layers=True)).init(
+      jax.random.PRNGKey(0), input_len=4, target_len=4), rank=2, targets="up|down",
+    rng=jax.random.PRNGKey(1)),
+   ValueError, r"scanned layer stack .* unstack them with .*unstack_layer_params"),
   ("nan-reward", lambda t: __import__("slicjax.pipelines.rso", fromlist=["x"]).check_rewards(
     np.array([[0.1, np.nan, 0.3]]), np.array([[True, True, True]]), [5], "model"),
    ValueError, r"1 non-finite reward\(s\) \(first: nan for sample 1 of prompt 5\)"),
@@ -360,6 +365,7 @@ DESCRIPTIONS = {
   'diffusion-kl-regularizer': 'a KL regularizer on a diffusion model (no per-token logits)',
   'eval-beam-size-zero': 'a beam size below 1 in `evaluate.beam_sizes`',
   'eval-model-workdir-missing': 'evaluating a model workdir that does not exist',
+  'lora-on-scanned-layers': 'LoRA on a `scan_layers=True` model (stacked per-layer kernels)',
   'nan-reward': 'a reward model that returns NaN/inf',
 }
 

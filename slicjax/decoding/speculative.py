@@ -445,3 +445,33 @@ def speculative_decode(
     lengths_BxK=lengths_N.reshape(b, k),
     stats=stats,
   )
+
+
+def layer_skip_draft(model, params, num_layers: int):
+  """A "layer-skip" self-draft: the target's first ``num_layers`` blocks, its final norm and
+  its output head (parameters shared, nothing trained).
+
+  Args:
+    model: a ``PrefixLM`` over ``TransformerLM``.
+    params: its parameters.
+    num_layers: blocks to keep, ``1 <= num_layers <= cfg.num_layers``.
+
+  Returns:
+    ``(draft_model, draft_params)`` for ``decode(..., method="speculative", draft=...)``.
+  """
+  from slicjax.models.seq_model import PrefixLM
+  from slicjax.models.transformer import TransformerLM
+
+  if not isinstance(model, PrefixLM) or not isinstance(model.module, TransformerLM):
+    raise ValueError(
+      f"layer_skip_draft needs a PrefixLM over TransformerLM, got {type(model).__name__}."
+    )
+  cfg = model.module.cfg
+  if not isinstance(num_layers, int) or not 1 <= num_layers <= cfg.num_layers:
+    raise ValueError(f"num_layers must be an int in [1, {cfg.num_layers}], got {num_layers!r}.")
+  module = model.module.clone(cfg=dataclasses.replace(cfg, num_layers=num_layers))
+  keep = {f"layer_{i}" for i in range(num_layers)} | {"final_norm"}
+  unknown = set(params["decoder"]) - {f"layer_{i}" for i in range(cfg.num_layers)} - keep
+  keep |= unknown  # anything else of the stack (e.g. shared position tables) is kept
+  draft_params = {**params, "decoder": {k: v for k, v in params["decoder"].items() if k in keep}}
+  return dataclasses.replace(model, module=module), draft_params

@@ -66,6 +66,19 @@ def test_greedy_equals_target_greedy(models, greedy_ref, draft, gamma):
   assert int(jnp.sum(st.accepted_BxK)) <= int(jnp.sum(st.proposed_BxK))
 
 
+def test_greedy_with_constraints(models):
+  """min_len and n-gram blocking are applied at every proposed position, per row."""
+  target, pt = models["target"]
+  kw = dict(max_len=10, eos_id=EOS, pad_id=PAD, min_len=3, no_repeat_ngram_size=2)
+  ref = api.decode(target, pt, PROMPTS, method="greedy", **kw)
+  got = api.decode(
+    target, pt, PROMPTS, method="speculative", draft=models["ssm"], num_draft=3, **kw
+  )
+  np.testing.assert_array_equal(got.tokens_BxKxL, ref.tokens_BxKxL)
+  np.testing.assert_allclose(got.logp_BxK, ref.logp_BxK, atol=1e-4, rtol=1e-5)
+  assert int(jnp.min(ref.lengths_BxK)) >= 3
+
+
 def _exact_joint(target, pt, prompt_S, temperature, top_k, top_p):
   """Exact target distribution of the first two sampled tokens, by teacher-forced enumeration.
 

@@ -214,3 +214,21 @@ def test_errors(models):
     )
   with pytest.raises(ValueError, match="num_draft"):
     api.decode(target, pt, PROMPTS, method="speculative", draft=(ssm, ps), num_draft=0, max_len=4)
+
+
+def test_program_cache_is_keyed_on_the_draft_model(models, monkeypatch):
+  target, pt = models["target"]
+  built = []
+
+  def fake_build(*args):
+    built.append(args)
+    return lambda *a: None
+
+  monkeypatch.setattr(api, "_build", fake_build)
+  monkeypatch.setattr(api, "_COMPILED", {})
+  for name in ("ssm", "tdraft", "target", "ssm"):
+    api.decode(
+      target, pt, PROMPTS, method="speculative", draft=models[name], num_draft=2, max_len=4
+    )
+  # one program per draft model; new draft parameters reuse it (they are a jit argument)
+  assert [args[-1] for args in built] == [models["ssm"][0], models["target"][0]]

@@ -39,12 +39,40 @@ class DecodeResult:
       ``logp / ((5 + length) / 6) ** alpha``; greedy and sampling: equal to ``logp_BxK``.
     lengths_BxK: int32 ``[B, K]``: generated tokens up to and including EOS, or ``max_len`` when
       no EOS was produced (0 for an empty beam slot).
+    stats: optional algorithm statistics; :class:`SpeculativeStats` for speculative decoding,
+      ``None`` otherwise.
   """
 
   tokens_BxKxL: jax.Array
   logp_BxK: jax.Array
   scores_BxK: jax.Array
   lengths_BxK: jax.Array
+  stats: Any = None
+
+
+@flax.struct.dataclass
+class SpeculativeStats:
+  """Statistics of speculative decoding (``slicjax.decoding.speculative``).
+
+  A round is one target evaluation: the draft proposes ``gamma`` tokens per running row and the
+  target scores them in one pass. Rows that have finished take no part in later rounds.
+
+  Attributes:
+    accepted_BxK: int32 ``[B, K]``: draft tokens the target accepted, per row.
+    proposed_BxK: int32 ``[B, K]``: draft tokens proposed (``gamma`` per round the row ran).
+    target_calls_BxK: int32 ``[B, K]``: rounds the row ran (target evaluations it needed).
+    num_rounds: int32 ``[]``: rounds of the whole batch (target forward passes).
+    acceptance_rate: float32 ``[]``: accepted / proposed over all rows.
+    tokens_per_target_call: float32 ``[]``: emitted tokens / row-rounds over all rows (1 would
+      be plain decoding; at most ``gamma + 1``).
+  """
+
+  accepted_BxK: jax.Array
+  proposed_BxK: jax.Array
+  target_calls_BxK: jax.Array
+  num_rounds: jax.Array
+  acceptance_rate: jax.Array
+  tokens_per_target_call: jax.Array
 
 
 @flax.struct.dataclass

@@ -44,6 +44,7 @@ MODEL_DOCS = {
   "dtype": "Compute dtype: float32 or bfloat16.",
   "param_dtype": "Parameter dtype.",
   "remat": "Rematerialize each block in the backward pass (less memory, more compute).",
+  "scan_layers": "Build the layer stack with nn.scan (params stacked; faster compile when deep).",
   "cache_bucket": "Decoding attends over the smallest multiple-of-this cache that fits; 0 = all.",
   "decoder_start_id": "Token the decoder starts from (BOS = 2; T5 checkpoints use 0).",
   "n_layers": "Residual SSM blocks.",

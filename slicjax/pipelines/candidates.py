@@ -40,13 +40,17 @@ CANDIDATE_KEYS = dict(
 )
 
 
+METHODS = ("beam", "greedy", "sample", "diverse_beam")
+
+
 def candidate_config(config) -> dict[str, Any]:
   c = common.to_dict(config.get("candidates"))
   common.check_keys(c, CANDIDATE_KEYS, "candidates")
   c = {**CANDIDATE_KEYS, **c}
-  if c["method"] not in decoding_api.METHODS:
+  if c["method"] not in METHODS:
     raise ValueError(
-      f"candidates.method={c['method']!r}; choose from {list(decoding_api.METHODS)}."
+      f"candidates.method={c['method']!r}; choose from {list(METHODS)} (speculative decoding: "
+      "method=greedy or sample with candidates.draft)."
     )
   validation.count(c["num_candidates"], "candidates.num_candidates")
   for k in ("batch_size", "chunk_size", "rouge_workers"):

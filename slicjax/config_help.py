@@ -154,6 +154,8 @@ CANDIDATE_DOCS = {
   "progress": "Show a progress bar.",
   "length_penalty_style": "Beam length penalty: gnmt (((5+|y|)/6)**alpha) or power (|y|**alpha).",
   "finish_top_2k": "Beam: keep finished hypotheses ranked in the top 2K (T5X style).",
+  "draft": "Speculative draft for greedy/sample: none, layer_skip:N, or a draft run's workdir.",
+  "num_draft": "Draft tokens proposed per speculative round (gamma).",
 }
 
 CALIBRATE_DOCS = {
@@ -204,6 +206,8 @@ REWARD_DOCS = {
 }
 
 RSO_DOCS = {
+  "draft": "Speculative draft for sampling: none, layer_skip:N, or a draft run's workdir.",
+  "num_draft": "Draft tokens proposed per speculative round (gamma).",
   "sft_workdir": "Workdir of the SFT policy that samples.",
   "reward_workdir": "Workdir of the reward model (reward=model).",
   "reward": "Reward: model (reward_workdir) or gold (ROUGE to the target).",

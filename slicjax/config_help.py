@@ -66,6 +66,7 @@ MODEL_DOCS = {
 }
 
 DATA_DOCS = {
+  "distill_from": "Train on a candidate dir's outputs (inputs, first candidate), e.g. a draft.",
   "name": "Task: reverse (synthetic), stdlib_docstrings (embedded), jsonl or tfds:<name>.",
   "input_len": "Input tokens per example (longer inputs are truncated).",
   "target_len": "Target tokens per example (longer targets are truncated).",

@@ -67,6 +67,7 @@ MODEL_DOCS = {
 }
 
 DATA_DOCS = {
+  "distill_from": "Train on a candidate dir's outputs (inputs, first candidate), e.g. a draft.",
   "name": "Task: reverse (synthetic), stdlib_docstrings (embedded), jsonl or tfds:<name>.",
   "input_len": "Input tokens per example (longer inputs are truncated).",
   "target_len": "Target tokens per example (longer targets are truncated).",
@@ -155,6 +156,8 @@ CANDIDATE_DOCS = {
   "progress": "Show a progress bar.",
   "length_penalty_style": "Beam length penalty: gnmt (((5+|y|)/6)**alpha) or power (|y|**alpha).",
   "finish_top_2k": "Beam: keep finished hypotheses ranked in the top 2K (T5X style).",
+  "draft": "Speculative draft for greedy/sample: none, layer_skip:N, or a draft run's workdir.",
+  "num_draft": "Draft tokens proposed per speculative round (gamma).",
 }
 
 CALIBRATE_DOCS = {
@@ -205,6 +208,8 @@ REWARD_DOCS = {
 }
 
 RSO_DOCS = {
+  "draft": "Speculative draft for sampling: none, layer_skip:N, or a draft run's workdir.",
+  "num_draft": "Draft tokens proposed per speculative round (gamma).",
   "sft_workdir": "Workdir of the SFT policy that samples.",
   "reward_workdir": "Workdir of the reward model (reward=model).",
   "reward": "Reward: model (reward_workdir) or gold (ROUGE to the target).",

@@ -30,13 +30,14 @@ from absl import logging
 from slicjax import scoring, similarity
 from slicjax.data import iterators
 from slicjax.decoding import api as decoding_api
-from slicjax.pipelines import common, tasks, validation
+from slicjax.pipelines import common, drafts, tasks, validation
 
 CANDIDATE_KEYS = dict(
   finetuned_workdir="", split="train", num_examples=512, num_candidates=8, method="beam",
   similarity="latent", batch_size=16, chunk_size=64, seed=0, temperature=0.7, top_k=40,
   top_p=1.0, alpha=0.0, num_groups=4, diversity_strength=0.5, store_ref_topk=0,
   rouge_workers=1, max_len=0, progress=True, length_penalty_style="gnmt", finish_top_2k=False,
+  draft="none", num_draft=4,
 )
 
 
@@ -65,6 +66,7 @@ def candidate_config(config) -> dict[str, Any]:
       f"candidates.num_candidates={c['num_candidates']} must be a multiple of "
       f"candidates.num_groups={c['num_groups']} for diverse beam search."
     )
+  drafts.check(c, "candidates")
   return c
 
 
@@ -138,7 +140,7 @@ def _chunk_path(out_dir: str, c: int) -> str:
 MANIFEST = "manifest.json"
 # Keys that do not change what is written (speed, logging) stay out of the manifest's hash.
 _UNHASHED = ("progress", "batch_size", "rouge_workers", "finetuned_workdir", "sft_workdir",
-             "reward_workdir")
+             "reward_workdir", "draft", "num_draft")
 
 
 def manifest_for(config, section: str, *, num_items: int, per_item: int,
@@ -239,6 +241,7 @@ def generate(config, out_dir: str, *, params=None, model=None, data=None) -> str
   n = min(c["num_examples"], len(examples)) if c["num_examples"] else len(examples)
   if n == 0:
     raise ValueError(f"split {c['split']!r} is empty: nothing to generate candidates for.")
+  draft = drafts.load(c["draft"], model, params, "candidates")
   chunk = c["chunk_size"]
   check_manifest(out_dir, manifest_for(config, "candidates", num_items=n,
                                        per_item=c["num_candidates"], chunk_size=chunk))
@@ -260,7 +263,8 @@ def generate(config, out_dir: str, *, params=None, model=None, data=None) -> str
       rows = []
       for b0 in range(lo, hi, c["batch_size"]):
         idx = list(range(b0, min(b0 + c["batch_size"], hi)))
-        rows.extend(_generate_batch(c, model, params, data, examples, idx, options, max_len))
+        rows.extend(_generate_batch(c, model, params, data, examples, idx, options, max_len,
+                                    draft))
         if bar is not None:
           bar.update(len(idx))
       tmp = _chunk_path(out_dir, ci) + f".tmp{jax.process_index()}"
@@ -282,7 +286,7 @@ def generate(config, out_dir: str, *, params=None, model=None, data=None) -> str
   return out_dir
 
 
-def _generate_batch(c, model, params, data, examples, idx, options, max_len):
+def _generate_batch(c, model, params, data, examples, idx, options, max_len, draft=None):
   batch_ex = [examples[i] for i in idx]
   # Pad the batch to a fixed size so one compiled program serves every batch.
   pad_to = c["batch_size"]
@@ -291,8 +295,9 @@ def _generate_batch(c, model, params, data, examples, idx, options, max_len):
   inputs, targets = jnp.asarray(arrays["inputs"]), jnp.asarray(arrays["targets"])
   rng = jax.random.PRNGKey(c["seed"])
   example_ids = jnp.asarray(idx + [idx[-1]] * (pad_to - len(idx)), jnp.int32)
+  method, options = drafts.decode_args(c["method"], options, draft, c["num_draft"])
   result = decoding_api.decode(
-    model, params, inputs, method=c["method"], max_len=max_len, rng=rng,
+    model, params, inputs, method=method, max_len=max_len, rng=rng,
     example_ids=example_ids, **options,
   )
   cands = np.asarray(result.tokens_BxKxL)

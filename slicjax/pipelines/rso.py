@@ -50,7 +50,7 @@ from slicjax import scoring, similarity
 from slicjax.data import iterators
 from slicjax.decoding import api as decoding_api
 from slicjax.pipelines import candidates as cand_lib
-from slicjax.pipelines import common, tasks, validation
+from slicjax.pipelines import common, drafts, tasks, validation
 from slicjax.preference import ranking, rejection_sampling
 
 RSO_KEYS = dict(
@@ -74,6 +74,8 @@ RSO_KEYS = dict(
   seed=0,
   symmetric=True,
   progress=True,
+  draft="none",
+  num_draft=4,
 )
 MODES = ("rso", "sft")
 SOURCES = {"rso": "rso-sample-rank", "sft": "sft-sample-rank"}
@@ -107,6 +109,7 @@ def rso_config(config) -> dict[str, Any]:
                     what="beta is the temperature of the target policy exp(r / beta)")
   validation.finite(c["temperature"], "rso.temperature")
   validation.finite(c["top_p"], "rso.top_p", high=1.0)
+  drafts.check(c, "rso")
   return c
 
 
@@ -372,20 +375,22 @@ def acceptance_summary(rows) -> dict[str, float]:
 # The job
 
 
-def sample_completions(c, model, params, data, inputs_BxS, example_ids, num_samples: int):
-  """``[B, N, L]`` cleaned samples (``L = data.target_len``) from the policy."""
+def sample_completions(c, model, params, data, inputs_BxS, example_ids, num_samples: int,
+                       draft=None):
+  """``[B, N, L]`` cleaned samples (``L = data.target_len``) from the policy (speculatively,
+  with the same distribution, when a ``draft`` is given)."""
+  options = dict(num_samples=num_samples, temperature=c["temperature"], top_k=c["top_k"],
+                 top_p=c["top_p"])
+  method, options = drafts.decode_args("sample", options, draft, c.get("num_draft", 4))
   res = decoding_api.decode(
     model,
     params,
     jnp.asarray(inputs_BxS),
-    method="sample",
+    method=method,
     max_len=c["max_len"] or data.target_len,
     rng=jax.random.PRNGKey(c["seed"]),
     example_ids=jnp.asarray(example_ids, jnp.int32),
-    num_samples=num_samples,
-    temperature=c["temperature"],
-    top_k=c["top_k"],
-    top_p=c["top_p"],
+    **options,
   )
   return clean_completions(res.tokens_BxKxL, data.target_len, data.vocab_size)
 
@@ -428,13 +433,14 @@ def check_rewards(rewards_BxN, valid_BxN, idx, source: str) -> None:
     )
 
 
-def make_pair_rows(c, model, params, data, examples, idx, reward) -> list[dict[str, Any]]:
+def make_pair_rows(c, model, params, data, examples, idx, reward, draft=None
+                   ) -> list[dict[str, Any]]:
   """Pair rows for the prompts ``examples[i] for i in idx`` (one fixed-size batch)."""
   ids = _pad_indices(idx, c["batch_size"])
   arrays = iterators.pad_batch([examples[i] for i in ids], data.input_len, data.target_len)
   inputs, targets = arrays["inputs"], arrays["targets"]
   n, m = int(c["num_samples"]), int(c["num_accept"])
-  cands = sample_completions(c, model, params, data, inputs, ids, n)
+  cands = sample_completions(c, model, params, data, inputs, ids, n, draft)
   valid = (cands != 0).any(-1)
   if c["reward"] == "gold":
     rewards = gold_rewards(data, cands, targets)
@@ -551,12 +557,13 @@ def rso_sample(config, out_dir: str, *, params=None, model=None, data=None, rewa
     out_dir, cand_lib.manifest_for(config, "rso", num_items=n, per_item=c["num_samples"],
                                    chunk_size=c["chunk_size"]),
   )
+  draft = drafts.load(c["draft"], model, params, "rso")
   write_chunks(
     out_dir,
     n,
     chunk_size=c["chunk_size"],
     batch_size=c["batch_size"],
-    make_rows=lambda idx: make_pair_rows(c, model, params, data, examples, idx, reward),
+    make_rows=lambda idx: make_pair_rows(c, model, params, data, examples, idx, reward, draft),
     desc=SOURCES[c["mode"]],
     progress=c["progress"],
   )

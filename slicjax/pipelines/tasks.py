@@ -23,7 +23,7 @@ DATA_KEYS = dict(
   name="reverse", input_len=64, target_len=32, vocab_size=2000, num_train=4096, num_eval=256,
   data_dir="", cache_dir="", train_path="", eval_path="", test_path="", input_key="input",
   target_key="target",
-  tokenizer_path="", packing=False, max_input_chars=4000, synthetic_vocab=32,
+  tokenizer_path="", packing=False, max_input_chars=4000, synthetic_vocab=32, distill_from="",
 )
 
 
@@ -96,6 +96,49 @@ def data_config(config) -> dict[str, Any]:
 
 
 def load(config, *, batch_size: int, seed: int = 0, mesh=None) -> TaskData:
+  """The task of ``config.data``; with ``data.distill_from`` its train targets are replaced by
+  a candidate directory's outputs (see :func:`distilled`)."""
+  data = _load(config, batch_size=batch_size, seed=seed, mesh=mesh)
+  src = data_config(config)["distill_from"]
+  return distilled(data, src) if src else data
+
+
+def distilled(data: TaskData, candidates_dir: str) -> TaskData:
+  """``data`` whose training examples are ``(inputs, first candidate)`` of a candidate
+  directory (e.g. a model's greedy outputs from ``experiments/decode.py``), in token ids of the
+  same tokenizer: an MLE run on it trains a model to imitate that model, e.g. a small
+  speculative-decoding draft (``candidates.draft`` / ``rso.draft``). Evaluation data is kept.
+
+  Raises:
+    ValueError: the directory has no candidates, or a sequence does not fit the lengths.
+  """
+  import numpy as np
+  from absl import logging
+
+  from slicjax.pipelines import candidates
+
+  rows = candidates.read_candidates(candidates_dir)
+  examples = []
+  for r in rows:
+    target = r["candidates"][0] if r.get("candidates") else []
+    if not target:
+      continue
+    if len(r["inputs"]) > data.input_len or len(target) > data.target_len:
+      raise ValueError(
+        f"{candidates_dir}: example {r['index']} has {len(r['inputs'])} input / {len(target)} "
+        f"candidate tokens, over data.input_len={data.input_len} / data.target_len="
+        f"{data.target_len}; use the lengths the candidates were generated with."
+      )
+    examples.append({"inputs": np.asarray(r["inputs"], np.int32),
+                     "targets": np.asarray(target, np.int32)})
+  if not examples:
+    raise ValueError(f"{candidates_dir} holds no non-empty candidates to distill from.")
+  logging.info("distilling from %s: %d training examples (%d empty skipped)", candidates_dir,
+               len(examples), len(rows) - len(examples))
+  return dataclasses.replace(data, train_examples=examples, make_train_iter=None)
+
+
+def _load(config, *, batch_size: int, seed: int = 0, mesh=None) -> TaskData:
   d = data_config(config)
   if mesh is not None:
     from slicjax import sharding

@@ -215,17 +215,9 @@ def load_params(directory: str, step: int | None = None, *, item: str = "params"
     logging.info("loading the best checkpoint of %s: step %d (validation %s %.4f)", directory,
                  info["step"], info["metric"], info["value"])
     directory = best
-  elif os.path.isdir(os.path.join(directory, "checkpoints")):
-    directory = os.path.join(directory, "checkpoints")
-  if not os.path.isdir(directory):
-    raise CheckpointError(
-      f"checkpoint directory {directory} does not exist; point to the workdir of a finished "
-      "training run (it contains checkpoints/<step>/)."
-    )
-  manager = ocp.CheckpointManager(
-    directory,
-    item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()},
-  )
+  else:
+    directory = _steps_dir(directory)
+  manager = _read_manager(directory)
   steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
   if not steps:
     raise CheckpointError(f"no checkpoint steps in {directory}; train first.")
@@ -255,18 +247,8 @@ def param_shapes(directory: str, item: str = "params") -> tuple[dict[str, tuple[
   Raises:
     CheckpointError: no checkpoint, or no readable metadata.
   """
-  directory = os.path.abspath(directory)
-  if os.path.isdir(os.path.join(directory, "checkpoints")):
-    directory = os.path.join(directory, "checkpoints")
-  if not os.path.isdir(directory):
-    raise CheckpointError(
-      f"checkpoint directory {directory} does not exist; point to the workdir of a finished "
-      "training run (it contains checkpoints/<step>/)."
-    )
-  manager = ocp.CheckpointManager(
-    directory,
-    item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()},
-  )
+  directory = _steps_dir(os.path.abspath(directory))
+  manager = _read_manager(directory)
   try:
     steps = sorted(manager.all_steps(), reverse=True)
     if not steps:
@@ -283,6 +265,25 @@ def param_shapes(directory: str, item: str = "params") -> tuple[dict[str, tuple[
     raise CheckpointError(f"no readable checkpoint metadata in {directory}: {errors}")
   finally:
     manager.close()
+
+
+def _steps_dir(directory: str) -> str:
+  """The directory holding ``<step>/`` dirs: ``<workdir>/checkpoints`` or ``directory``."""
+  if os.path.isdir(os.path.join(directory, "checkpoints")):
+    directory = os.path.join(directory, "checkpoints")
+  if not os.path.isdir(directory):
+    raise CheckpointError(
+      f"checkpoint directory {directory} does not exist; point to the workdir of a finished "
+      "training run (it contains checkpoints/<step>/)."
+    )
+  return directory
+
+
+def _read_manager(directory: str) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+    directory,
+    item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()},
+  )
 
 
 def _path_str(path) -> str:

@@ -171,16 +171,24 @@ def tokenize_example(
 
 
 def tokenize_records(
-  records, tokenizer=None, *, input_len: int, target_len: int, truncate: bool = True
+  records, tokenizer=None, *, input_len: int, target_len: int, truncate: bool = True,
+  keep_reference: bool = False, stats: TruncationStats | None = None,
 ) -> list[dict[str, np.ndarray]]:
-  """Eagerly tokenizes (and truncates, with a logged count) every record, in order."""
-  stats = TruncationStats(len(records))
-  return [
-    tokenize_example(
+  """Eagerly tokenizes (and truncates, with a logged count) every record, in order.
+
+  ``keep_reference``: text records also keep their whole target text as ``"reference"``, so
+  evaluation scores against the untruncated reference. ``stats``: receives the counts.
+  """
+  stats = stats if stats is not None else TruncationStats(len(records))
+  out = []
+  for r in records:
+    ex = tokenize_example(
       r, tokenizer, input_len=input_len, target_len=target_len, truncate=truncate, stats=stats
     )
-    for r in records
-  ]
+    if keep_reference and r is not None and "target" in r:
+      ex["reference"] = as_text(r["target"])
+    out.append(ex)
+  return out
 
 
 def pad_example(example: dict[str, np.ndarray], input_len: int, target_len: int):

@@ -265,7 +265,7 @@ def _examples(ctx, n: int = 4):
     outs[name], _ = evaluate.decode_split(model, params, data, ex, beam_size=4, alpha=0.0,
                                           batch_size=len(ex), max_len=data.target_len)
   shown = getattr(data.tokenizer, "decode_prompt", data.detokenize)  # without the chat template
-  return [dict(input=shown(e["inputs"])[:300], reference=data.detokenize(e["targets"]),
+  return [dict(input=shown(e["inputs"])[:300], reference=data.reference(e),
                outputs={name: outs[name][i] for name in models})
           for i, e in enumerate(ex)]
 

@@ -96,7 +96,7 @@ def quality_grid(models: dict[str, Any], model, data, c: dict[str, Any], bar=Non
   holds the per-example ROUGE-L for paired comparisons). ``predictions`` (a list) receives one
   dict per decoded example."""
   examples = _examples(data, c)
-  refs = [data.detokenize(e["targets"]) for e in examples]
+  refs = [data.reference(e) for e in examples]
   max_len = c["max_len"] or data.target_len
   rows = []
   for name, params in models.items():
@@ -139,14 +139,17 @@ def calibration_report(models: dict[str, Any], model, data, c, decoder_params):
   out = {name: [] for name in models}
   sims = []
   score = jax.jit(lambda p, x, y: scoring.score_candidates(model, p, x, y)["logp"])
+  done = 0
   for n, batch in _batches(examples, c["batch_size"], data.input_len, data.target_len):
+    batch_refs = [data.reference(e) for e in examples[done : done + n]]
+    done += n
     inputs = jnp.asarray(batch["inputs"])
     res = decoding_api.decode(model, decoder_params, inputs, method="beam", max_len=max_len,
                               beam_size=k, alpha=0.0)
     cands = np.asarray(res.tokens_BxKxL)[:, :, : data.target_len]
     cands = np.pad(cands, ((0, 0), (0, 0), (0, data.target_len - cands.shape[-1])))
     texts = [data.detokenize(y) for row in cands[:n] for y in row]
-    refs = [data.detokenize(t) for t in batch["targets"][:n] for _ in range(k)]
+    refs = [ref for ref in batch_refs for _ in range(k)]
     r = similarity.rouge_scores(texts, refs)
     sims.append(np.mean([np.asarray(r[t]) for t in ("rouge1", "rouge2", "rougeL")], 0)
                 .reshape(n, k))
@@ -181,7 +184,8 @@ def run(models: dict[str, Any], model, data, config, out_dir: str, *, decoder_fo
   first = next(iter(models.values()))
   corr = calibration_report(models, model, data, c, decoder_for_report or first)
   result = {"grid": rows, "paired_differences": diffs, "rank_correlation": corr,
-            "split": c["split"], "num_examples": len(_examples(data, c))}
+            "split": c["split"], "num_examples": len(_examples(data, c)),
+            "truncation": (getattr(data, "truncation", None) or {}).get(c["split"])}
   with open(os.path.join(out_dir, "eval.json"), "w") as f:
     json.dump(result, f, indent=2)
   with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
@@ -189,6 +193,7 @@ def run(models: dict[str, Any], model, data, config, out_dir: str, *, decoder_fo
       f.write(json.dumps(p) + "\n")
   with open(os.path.join(out_dir, "eval.md"), "w") as f:
     f.write(markdown_table(rows, corr, diffs))
+    f.write(truncation_note(result["truncation"], c["split"]))
   plots.quality_vs_beam(rows, os.path.join(out_dir, "quality_vs_beam.png"))
   return result
 
@@ -209,6 +214,16 @@ def paired_differences(rows) -> list[dict[str, Any]]:
     out.append(dict(model=r["model"], baseline=base_name, beam=r["beam"], alpha=r["alpha"],
                     rougeL_diff=d, lo=lo, hi=hi, within_noise=bool(lo <= 0.0 <= hi)))
   return out
+
+
+def truncation_note(t, split: str) -> str:
+  """One line on how many evaluated examples were cut at tokenization (references are scored
+  whole; the model saw the cut inputs)."""
+  if not t:
+    return ""
+  return (f"\nTokenization of the {split} split ({t['seen']} examples) cut "
+          f"{t['truncated_inputs']} inputs and {t['truncated_targets']} targets to the padded "
+          "lengths; ROUGE is computed against the whole reference texts.\n")
 
 
 def markdown_table(rows, corr, diffs=()) -> str:

@@ -43,6 +43,14 @@ class TaskData:
   make_train_iter: Callable[[], Any] | None = None
   eval_texts: list[dict[str, str]] | None = None
   test_examples: list[dict[str, Any]] | None = None
+  # Per split: {seen, truncated, truncated_inputs, truncated_targets} at tokenization.
+  truncation: dict[str, dict[str, int]] | None = None
+
+  def reference(self, example) -> str:
+    """The reference text to score against: the whole target (kept at tokenization for text
+    tasks), never the truncated one."""
+    ref = example.get("reference")
+    return ref if ref is not None else self.detokenize(example["targets"])
 
   def split_examples(self, split: str) -> list[dict[str, Any]]:
     """``train``, ``validation`` or ``test`` examples (choose recipes on validation, report on

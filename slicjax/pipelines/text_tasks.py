@@ -49,14 +49,19 @@ def load_text_task(d: dict[str, Any], *, batch_size: int, seed: int, tokenizer=N
     eval_records = train_records[int(n * 0.9) :]
     train_records = train_records[: int(n * 0.9)]
   s, length = d["input_len"], d["target_len"]
-  train_tok = pipeline.tokenize_records(train_records, tok, input_len=s, target_len=length)
-  eval_tok = pipeline.tokenize_records(eval_records, tok, input_len=s, target_len=length)
+  stats = {k: pipeline.TruncationStats(what=f"{k} examples") for k in ("train", "validation")}
+  train_tok = pipeline.tokenize_records(train_records, tok, input_len=s, target_len=length,
+                                        stats=stats["train"])
+  eval_tok = pipeline.tokenize_records(eval_records, tok, input_len=s, target_len=length,
+                                       keep_reference=True, stats=stats["validation"])
   if not train_tok:
     raise ValueError(f"dataset {name!r} has an empty train split; check the data source.")
   test_tok = None
   if name == "stdlib_docstrings" or (name == "jsonl" and d["test_path"]):
     test_records = sources.load_text_source(name, "test", **opts)
-    test_tok = pipeline.tokenize_records(test_records, tok, input_len=s, target_len=length)
+    stats["test"] = pipeline.TruncationStats(what="test examples")
+    test_tok = pipeline.tokenize_records(test_records, tok, input_len=s, target_len=length,
+                                         keep_reference=True, stats=stats["test"])
 
   def make_train_iter():
     return pipeline.make_seq2seq_iterator(
@@ -69,4 +74,5 @@ def load_text_task(d: dict[str, Any], *, batch_size: int, seed: int, tokenizer=N
     name=name, vocab_size=tok.vocab_size, input_len=s, target_len=length,
     train_examples=train_tok, eval_examples=eval_tok, batch_size=batch_size, seed=seed,
     tokenizer=tok, make_train_iter=make_train_iter, test_examples=test_tok,
+    truncation={k: v.as_dict() for k, v in stats.items()},
   )

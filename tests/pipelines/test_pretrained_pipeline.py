@@ -43,7 +43,9 @@ FUNCS = [
 def setup(tmp_path_factory):
   d = tmp_path_factory.mktemp("pretrained")
   gguf_path = write_tiny_gguf(d / "tiny.gguf")
-  for name, rows in (("train", FUNCS), ("eval", FUNCS[:4]), ("test", FUNCS[-3:])):
+  long_doc = "Return the first item of a list that is never empty. " * 6
+  test_rows = FUNCS[-2:] + [(FUNCS[0][0], long_doc.strip())]  # one target over target_len
+  for name, rows in (("train", FUNCS), ("eval", FUNCS[:4]), ("test", test_rows)):
     with open(d / f"{name}.jsonl", "w") as f:
       for src, doc in rows:
         f.write(json.dumps({"input": src, "target": doc}) + "\n")
@@ -212,3 +214,10 @@ def test_reward_rso_decode_and_evaluate_from_gguf(setup):
   assert res["split"] == "test" and res["num_examples"] == 3
   preds = [json.loads(x) for x in open(d / "eval_test" / "predictions.jsonl")]
   assert len(preds) == 3
+  # The long target was cut at tokenization, but ROUGE is scored against the whole reference.
+  t = res["truncation"]
+  assert t["seen"] == 3 and t["truncated_targets"] >= 1
+  long_ref = [p["reference"] for p in preds if p["reference"].startswith("Return the first item of a")]
+  assert long_ref and long_ref[0].count("never empty") == 6
+  note = f"cut {t['truncated_inputs']} inputs and {t['truncated_targets']} targets"
+  assert note in open(d / "eval_test" / "eval.md").read()

@@ -162,6 +162,20 @@ def row_keys(rng, example_ids_B, num_samples: int):
   return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), keys_BxK)
 
 
+def input_row_keys(rng, example_ids_B, batch: int, num_samples: int):
+  """:func:`row_keys` for ``batch`` inputs keyed by ``example_ids_B`` (default ``arange``),
+  checking its shape."""
+  if example_ids_B is None:
+    example_ids_B = jnp.arange(batch, dtype=jnp.int32)
+  example_ids_B = jnp.asarray(example_ids_B)
+  if example_ids_B.shape != (batch,):
+    raise ValueError(
+      f"example_ids_B must have shape [B] = ({batch},), got {example_ids_B.shape}; pass one id "
+      "per input."
+    )
+  return row_keys(rng, example_ids_B.astype(jnp.int32), num_samples)
+
+
 def _loop(
   tokens_to_logits,
   init_tokens_B,
@@ -351,15 +365,7 @@ def sample(
   _check_sampling_args(num_samples, temperature, top_k, top_p)
   if rng is None:
     raise ValueError("sample needs rng, e.g. rng=jax.random.PRNGKey(0).")
-  if example_ids_B is None:
-    example_ids_B = jnp.arange(b, dtype=jnp.int32)
-  example_ids_B = jnp.asarray(example_ids_B)
-  if example_ids_B.shape != (b,):
-    raise ValueError(
-      f"example_ids_B must have shape [B] = ({b},), got {example_ids_B.shape}; pass one id per "
-      f"input."
-    )
-  keys_BK = row_keys(rng, example_ids_B.astype(jnp.int32), num_samples)
+  keys_BK = input_row_keys(rng, example_ids_B, b, num_samples)
 
   def choose(logits_NxV, keys_N, t):
     if temperature == 0:

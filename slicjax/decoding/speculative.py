@@ -227,15 +227,7 @@ def speculative_decode(
   if greedy:
     keys_N = None
   else:
-    if example_ids_B is None:
-      example_ids_B = jnp.arange(b, dtype=jnp.int32)
-    example_ids_B = jnp.asarray(example_ids_B)
-    if example_ids_B.shape != (b,):
-      raise ValueError(
-        f"example_ids_B must have shape [B] = ({b},), got {example_ids_B.shape}; pass one id "
-        f"per input."
-      )
-    keys_N = sampling.row_keys(rng, example_ids_B.astype(jnp.int32), k)
+    keys_N = sampling.input_row_keys(rng, example_ids_B, b, k)
 
   process = lambda logits, allowed: _process(
     logits, allowed, eos_id=eos_id, temperature=temperature, top_k=top_k, top_p=top_p

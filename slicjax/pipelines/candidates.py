@@ -37,7 +37,7 @@ CANDIDATE_KEYS = dict(
   similarity="latent", batch_size=16, chunk_size=64, seed=0, temperature=0.7, top_k=40,
   top_p=1.0, alpha=0.0, num_groups=4, diversity_strength=0.5, store_ref_topk=0,
   rouge_workers=1, max_len=0, progress=True, length_penalty_style="gnmt", finish_top_2k=False,
-  draft="none", num_draft=4,
+  **drafts.DRAFT_KEYS,
 )
 
 

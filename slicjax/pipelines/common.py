@@ -12,6 +12,7 @@ from absl import logging
 
 from slicjax import sharding
 from slicjax.models.factory import build_model
+from slicjax.pipelines import validation
 
 
 def to_dict(cfg) -> dict[str, Any]:
@@ -193,8 +194,6 @@ def enable_compilation_cache(config=None) -> str | None:
 
 
 def prepare_workdir(workdir: str, config=None) -> str:
-  from slicjax.pipelines import validation
-
   enable_compilation_cache(config)
   workdir = validation.workdir(workdir)
   if config is not None and jax.process_index() == 0:

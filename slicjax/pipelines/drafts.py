@@ -73,14 +73,14 @@ def load(spec: str, model, params, section: str):
   return draft
 
 
-def decode_args(method: str, options: dict[str, Any], draft, num_draft: int):
+def decode_args(method: str, options: dict[str, Any], draft, num_draft: int | None):
   """``(method, options)`` for ``slicjax.decoding.api.decode``: ``speculative`` with the draft
   when one is given (greedy -> temperature 0; sampling keeps its options), else unchanged."""
   if draft is None:
     return method, options
-  opts = {k: v for k, v in options.items() if k in ("num_samples", "temperature", "top_k",
-                                                    "top_p", "eos_id", "pad_id", "min_len",
-                                                    "no_repeat_ngram_size")}
+  from slicjax.decoding import api
+
+  opts = {k: v for k, v in options.items() if k in api.OPTIONS["speculative"]}
   if method == "greedy":
     opts["temperature"] = 0.0
   return "speculative", dict(opts, num_draft=int(num_draft), draft=draft)

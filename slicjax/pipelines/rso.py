@@ -74,8 +74,7 @@ RSO_KEYS = dict(
   seed=0,
   symmetric=True,
   progress=True,
-  draft="none",
-  num_draft=4,
+  **drafts.DRAFT_KEYS,
 )
 MODES = ("rso", "sft")
 SOURCES = {"rso": "rso-sample-rank", "sft": "sft-sample-rank"}
@@ -381,7 +380,7 @@ def sample_completions(c, model, params, data, inputs_BxS, example_ids, num_samp
   with the same distribution, when a ``draft`` is given)."""
   options = dict(num_samples=num_samples, temperature=c["temperature"], top_k=c["top_k"],
                  top_p=c["top_p"])
-  method, options = drafts.decode_args("sample", options, draft, c.get("num_draft", 4))
+  method, options = drafts.decode_args("sample", options, draft, c.get("num_draft"))
   res = decoding_api.decode(
     model,
     params,

@@ -49,7 +49,8 @@ def load_text_task(d: dict[str, Any], *, batch_size: int, seed: int, tokenizer=N
     eval_records = train_records[int(n * 0.9) :]
     train_records = train_records[: int(n * 0.9)]
   s, length = d["input_len"], d["target_len"]
-  stats = {k: pipeline.TruncationStats(what=f"{k} examples") for k in ("train", "validation")}
+  stats = {k: pipeline.TruncationStats(len(r), what=f"{k} examples")
+           for k, r in (("train", train_records), ("validation", eval_records))}
   train_tok = pipeline.tokenize_records(train_records, tok, input_len=s, target_len=length,
                                         stats=stats["train"])
   eval_tok = pipeline.tokenize_records(eval_records, tok, input_len=s, target_len=length,
@@ -59,7 +60,7 @@ def load_text_task(d: dict[str, Any], *, batch_size: int, seed: int, tokenizer=N
   test_tok = None
   if name == "stdlib_docstrings" or (name == "jsonl" and d["test_path"]):
     test_records = sources.load_text_source(name, "test", **opts)
-    stats["test"] = pipeline.TruncationStats(what="test examples")
+    stats["test"] = pipeline.TruncationStats(len(test_records), what="test examples")
     test_tok = pipeline.tokenize_records(test_records, tok, input_len=s, target_len=length,
                                          keep_reference=True, stats=stats["test"])
 

@@ -190,6 +190,9 @@ EVAL_DOCS = {
   "length_penalty_style": "Beam length penalty: gnmt or power.",
   "finish_top_2k": "Beam: keep finished hypotheses ranked in the top 2K (T5X style).",
   "split": "Split evaluated: validation (choosing recipes) or test (the report).",
+  "selective": "Selective-generation report: coverage-quality curves, areas, AUROC.",
+  "selective_beam": "Beam size whose top output the selective report ranks.",
+  "selective_scores": "Confidence scores: logp, logp_norm, self_eval, multi_choice.",
 }
 
 REWARD_DOCS = {

@@ -276,6 +276,13 @@ CASES = [
   ("eval-beam-size-zero", lambda t: __import__("slicjax.pipelines.evaluate", fromlist=["x"])
    .validate(_smoke(evaluate=dict(beam_sizes=(1, 0))), {}), ValueError,
    r"evaluate\.beam_sizes\[\.\.\.\]=0 must be an integer >= 1"),
+  ("eval-unknown-confidence-score", lambda t: __import__("slicjax.pipelines.evaluate",
+   fromlist=["x"]).validate(_smoke(evaluate=dict(selective_scores=("logp", "entropy"))), {}),
+   ValueError, r"selective_scores=\('logp', 'entropy'\): unknown score \['entropy'\]; choose "
+   r"from \('logp', 'logp_norm', 'self_eval', 'multi_choice'\)"),
+  ("selective-curve-length-mismatch", lambda t: __import__(
+    "slicjax.evaluation.selective", fromlist=["x"]).curve_area([0.1, 0.2, 0.3], [1.0, 0.0]),
+   ValueError, r"3 confidence scores for 2 quality values; give one of each per output"),
   ("eval-model-workdir-missing", lambda t: __import__("slicjax.pipelines.evaluate",
    fromlist=["x"]).validate(_smoke(), {"calibrated": os.path.join(t, "cal")}), ValueError,
    r"--model_workdirs calibrated=<?.*cal does not exist"),
@@ -364,6 +371,8 @@ DESCRIPTIONS = {
   'candidates-partial': 'calibrating on a candidate set whose generation stopped part-way',
   'diffusion-kl-regularizer': 'a KL regularizer on a diffusion model (no per-token logits)',
   'eval-beam-size-zero': 'a beam size below 1 in `evaluate.beam_sizes`',
+  'eval-unknown-confidence-score': 'an unknown confidence score in `evaluate.selective_scores`',
+  'selective-curve-length-mismatch': 'selective metrics given unequal score and quality lists',
   'eval-model-workdir-missing': 'evaluating a model workdir that does not exist',
   'lora-on-scanned-layers': 'LoRA on a `scan_layers=True` model (stacked per-layer kernels)',
   'nan-reward': 'a reward model that returns NaN/inf',

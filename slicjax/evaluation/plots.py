@@ -55,3 +55,31 @@ def training_curves(series: dict[str, list[tuple[int, float]]], path: str, ylabe
   fig.tight_layout()
   fig.savefig(path)
   return path
+
+
+def coverage_quality(curves: dict[str, dict[str, dict]], path: str, ylabel: str = "ROUGE-L"):
+  """Selective generation: mean quality of the kept outputs vs the fraction kept, one line per
+  (model, confidence score). ``curves[model][score] = {"coverage": [...], "quality": [...],
+  "area": a}``. A score keeps one color; each model has its own line style; a dotted grey line
+  per model marks its mean quality (what abstaining at random gives)."""
+  fig, ax = _subplots((7.6, 4.4))
+  scores = list(dict.fromkeys(s for per in curves.values() for s in per))
+  colors = {s: colormaps["tab10"](i % 10) for i, s in enumerate(scores)}
+  styles = ["-", "--", ":", "-."]
+  for m_i, (model, per) in enumerate(curves.items()):
+    style = styles[m_i % len(styles)]
+    for score, c in per.items():
+      ax.plot(c["coverage"], c["quality"], style, color=colors[score],
+              label=f"{model}: {score} (area {c['area']:.2f})")
+    if per:
+      last = next(iter(per.values()))
+      ax.axhline(last["quality"][-1], color="grey", lw=0.8, ls=":", alpha=0.7)
+  ax.set_xlabel("coverage (fraction of outputs kept, most confident first)")
+  ax.set_ylabel(f"mean {ylabel} of kept outputs")
+  ax.set_title("Selective generation: coverage vs quality")
+  ax.set_xlim(0, 1.0)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=6.5, loc="center left", bbox_to_anchor=(1.01, 0.5))
+  fig.tight_layout()
+  fig.savefig(path)
+  return path

@@ -157,6 +157,16 @@ class PretrainedTokenizer:
       self.chat_template, user, system_prompt=self.system_prompt, specials=specials
     )
 
+  def with_instruction(self, instruction: str) -> "PretrainedTokenizer":
+    """The same tokenizer and prompt format with another instruction (e.g. ``""`` for prompts
+    that carry their own question, as self-evaluation does)."""
+    if instruction == self.instruction:
+      return self
+    return PretrainedTokenizer(
+      self.hf, self.vocab_map, prompt_format=self.prompt_format, instruction=instruction,
+      system_prompt=self.system_prompt, raw_template=self.raw_template, add_bos=self.add_bos,
+    )
+
   def format_prompt(self, text: str) -> str:
     """The prompt text for input ``text``."""
     return self._prefix + text + self._suffix

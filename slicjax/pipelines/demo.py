@@ -304,6 +304,7 @@ def write_report(workdir, preset, records, info, result, examples, losses=("rank
     lines += ["", "## Quality vs beam size", "", "![quality vs beam](quality_vs_beam.png)", ""]
     lines.append(evaluate.markdown_table(result["grid"], result["rank_correlation"],
                                          result.get("paired_differences", ())))
+    lines.append(evaluate.selective_markdown(result.get("selective")))
   if examples:
     lines += ["## Examples (beam 4)", ""]
     for e in examples:

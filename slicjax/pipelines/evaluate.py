@@ -11,17 +11,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from slicjax import scoring, similarity
 from slicjax.data import iterators
 from slicjax.decoding import api as decoding_api
-from slicjax.evaluation import metrics, plots
+from slicjax.evaluation import confidence, metrics, plots, selective
 from slicjax.pipelines import common
 
 EVAL_KEYS = dict(
   beam_sizes=(1, 2, 4, 8, 16), alphas=(0.0, 0.6), num_examples=0, batch_size=16,
   calibration_candidates=8, repetition_ngram=3, max_len=0, progress=True,
   length_penalty_style="gnmt", finish_top_2k=False, split="validation",
+  selective=True, selective_beam=4, selective_scores=("logp", "logp_norm", "self_eval",
+                                                      "multi_choice"),
 )
 
 
@@ -49,6 +52,9 @@ def validate(config, workdirs: dict[str, str]) -> dict[str, Any]:
   for k in ("batch_size", "calibration_candidates"):
     validation.count(c[k], f"evaluate.{k}")
   validation.count(c["num_examples"], "evaluate.num_examples", minimum=0)
+  if c["selective"]:
+    validation.count(c["selective_beam"], "evaluate.selective_beam")
+    confidence.check_scores(_score_names(c))
   for name, wd in workdirs.items():
     validation.run_dir(wd, f"--model_workdirs {name}")
     validation.model_matches_run(config, wd, f"--model_workdirs {name}")
@@ -69,8 +75,9 @@ def _batches(examples, bs, input_len, target_len):
 
 
 def decode_split(model, params, data, examples, *, beam_size, alpha, batch_size, max_len,
-                 length_penalty_style="gnmt", finish_top_2k=False):
-  """Top beam per example: ``(texts, token_lists)``."""
+                 length_penalty_style="gnmt", finish_top_2k=False, beams_out=None):
+  """Top beam per example: ``(texts, token_lists)``. ``beams_out`` (a list) receives every
+  example's ``[K, max_len]`` beams (tokens with EOS, PAD after it), best first."""
   beam_opts = dict(beam_size=beam_size, alpha=alpha, length_penalty_style=length_penalty_style,
                    finish_top_2k=bool(finish_top_2k))
   texts, toks = [], []
@@ -79,7 +86,10 @@ def decode_split(model, params, data, examples, *, beam_size, alpha, batch_size,
       model, params, jnp.asarray(batch["inputs"]), method="beam" if beam_size > 1 else "greedy",
       max_len=max_len, **(beam_opts if beam_size > 1 else {}),
     )
-    best = np.asarray(res.tokens_BxKxL[:, 0])
+    all_beams = np.asarray(res.tokens_BxKxL)
+    if beams_out is not None:
+      beams_out.extend(all_beams[:n])
+    best = all_beams[:, 0]
     for row in best[:n]:
       ids = [int(t) for t in row]
       if 1 in ids:
@@ -90,11 +100,13 @@ def decode_split(model, params, data, examples, *, beam_size, alpha, batch_size,
 
 
 def quality_grid(models: dict[str, Any], model, data, c: dict[str, Any], bar=None,
-                 predictions: list | None = None):
+                 predictions: list | None = None, beams: dict | None = None):
   """Rows ``{model, alpha, beam, rouge1, rouge2, rougeL, rougeL_lo, rougeL_hi, length,
   repetition}`` (``rougeL_lo/hi``: 95% bootstrap interval over examples; ``_per_example``
   holds the per-example ROUGE-L for paired comparisons). ``predictions`` (a list) receives one
-  dict per decoded example."""
+  dict per decoded example. ``beams`` (a dict) receives, per model, the ``[N, K, L]`` beams of
+  the selective-generation setting (beam ``selective_beam``, the first α) when it is in the
+  grid."""
   examples = _examples(data, c)
   refs = [data.reference(e) for e in examples]
   max_len = c["max_len"] or data.target_len
@@ -104,10 +116,16 @@ def quality_grid(models: dict[str, Any], model, data, c: dict[str, Any], bar=Non
       for beam in c["beam_sizes"]:
         if beam == 1 and alpha != c["alphas"][0]:
           continue  # greedy has no length penalty
+        keep = (beams is not None and beam == c["selective_beam"]
+                and alpha == c["alphas"][0])
+        kept: list = []
         texts, toks = decode_split(model, params, data, examples, beam_size=beam, alpha=alpha,
                                    batch_size=c["batch_size"], max_len=max_len,
                                    length_penalty_style=c["length_penalty_style"],
-                                   finish_top_2k=c["finish_top_2k"])
+                                   finish_top_2k=c["finish_top_2k"],
+                                   beams_out=kept if keep else None)
+        if keep:
+          beams[name] = np.stack(kept)
         rouge = similarity.rouge_scores(texts, refs)
         per_ex = np.asarray(rouge["rougeL"], np.float64) * 100
         _, lo, hi = metrics.bootstrap_ci(per_ex)
@@ -164,6 +182,133 @@ def calibration_report(models: dict[str, Any], model, data, c, decoder_params):
   }
 
 
+def _score_names(c) -> tuple[str, ...]:
+  raw = c["selective_scores"]
+  return tuple(x.strip() for x in raw.split(",") if x.strip()) if isinstance(raw, str) \
+    else tuple(raw)
+
+
+def _source_text(data, example) -> str:
+  """The input text an example's prompt holds (a pretrained prompt's template stripped)."""
+  decode_prompt = getattr(data.tokenizer, "decode_prompt", None)
+  return decode_prompt(example["inputs"]) if decode_prompt else data.detokenize(example["inputs"])
+
+
+def selective_report(models: dict[str, Any], model, data, c, beams: dict | None = None,
+                     records: list | None = None) -> dict[str, Any]:
+  """Selective generation of every model's top beam at (``selective_beam``, first α): each
+  confidence score's coverage-ROUGE-L curve, its area and AUROC for "ROUGE-L above the median"
+  with 95% bootstrap intervals, and per score the paired area difference of every model vs the
+  first. ``records`` (a list) receives one dict per (model, example) with the scores."""
+  examples = _examples(data, c)
+  beams = dict(beams or {})
+  names = confidence.check_scores(_score_names(c))
+  skipped = {}
+  if data.tokenizer is None:
+    skipped = {s: "the task has no tokenizer (token-id task): no text prompt to build"
+               for s in names if s in confidence.TEXT_SCORES}
+    names = tuple(s for s in names if s not in skipped)
+  refs = [data.reference(e) for e in examples]
+  sources = [_source_text(data, e) for e in examples] if data.tokenizer is not None else None
+  inputs = np.stack([iterators.pad_batch([e], data.input_len, data.target_len)["inputs"][0]
+                     for e in examples])
+  max_len = c["max_len"] or data.target_len
+  alpha = c["alphas"][0]
+  scorer = confidence.ConfidenceScorer(model, data.tokenizer, data.input_len)
+  per_model, scores_of, quality_of = {}, {}, {}
+  items = models.items()
+  if c["progress"]:
+    from tqdm.auto import tqdm
+
+    items = tqdm(items, total=len(models), desc="selective scores", unit="model",
+                 dynamic_ncols=True)
+  for name, params in items:
+    if name not in beams:
+      kept: list = []
+      decode_split(model, params, data, examples, beam_size=c["selective_beam"], alpha=alpha,
+                   batch_size=c["batch_size"], max_len=max_len,
+                   length_penalty_style=c["length_penalty_style"],
+                   finish_top_2k=c["finish_top_2k"], beams_out=kept)
+      beams[name] = np.stack(kept)
+    top = beams[name][:, 0]
+    texts = [data.detokenize(y) for y in top]
+    quality = np.asarray(similarity.rouge_scores(texts, refs, types=("rougeL",))["rougeL"],
+                         np.float64) * 100
+    scores = {}
+    groups = [tuple(s for s in names if s not in confidence.TEXT_SCORES)]
+    groups += [(s,) for s in names if s in confidence.TEXT_SCORES and s not in skipped]
+    for group in filter(None, groups):
+      try:
+        scores.update(confidence.score_outputs(
+          scorer, params, group, inputs_NxS=inputs,
+          beams_NxKxL=beams[name][:, :, : data.target_len], sources=sources,
+          detokenize=data.detokenize, batch_size=c["batch_size"],
+        ))
+      except confidence.PromptTooLong as e:
+        logging.warning("selective report: %s not computed: %s", group[0], e)
+        skipped[group[0]] = str(e).rstrip(".")
+    scores = {s: scores[s] for s in names if s in scores}
+    scores_of[name], quality_of[name] = scores, quality
+    per_model[name] = {s: selective.selective_summary(v, quality) for s, v in scores.items()}
+    if records is not None:
+      records.extend(
+        dict(id=i, model=name, beam=int(c["selective_beam"]), alpha=float(alpha),
+             prediction=texts[i], reference=refs[i], rougeL=float(quality[i]),
+             **{s: float(v[i]) for s, v in scores.items()})
+        for i in range(len(examples))
+      )
+  first = next(iter(models))
+  paired = [
+    dict(model=name, baseline=first, score=s,
+         **selective.paired_area_difference(scores_of[name][s], quality_of[name],
+                                            scores_of[first][s], quality_of[first]))
+    for name in models if name != first for s in names if s not in skipped
+  ]
+  names = tuple(s for s in names if s not in skipped)
+  return dict(beam=int(c["selective_beam"]), alpha=float(alpha), scores=list(names),
+              skipped=skipped, models=per_model, paired_area_differences=paired,
+              num_examples=len(examples))
+
+
+def selective_markdown(rep: dict[str, Any]) -> str:
+  """The selective-generation section of ``eval.md``."""
+  if not rep:
+    return ""
+  lines = [
+    "", f"## Selective generation (top beam of beam {rep['beam']}, α={rep['alpha']:g}, "
+    f"{rep['num_examples']} examples)", "",
+    "Outputs ranked by each confidence score; area = mean ROUGE-L of the kept outputs averaged "
+    "over coverage 1/n..1 (higher is better; abstaining at random gives the mean ROUGE-L, the "
+    "oracle ranks by ROUGE-L itself); AUROC separates outputs above the median ROUGE-L. 95% "
+    "bootstrap intervals over examples, 1,000 resamples.", "",
+    "| model | confidence score | area [95% CI] | AUROC (ROUGE-L > median) [95% CI] | "
+    "mean ROUGE-L | oracle area |",
+    "|---|---|---|---|---|---|",
+  ]
+  for model, per in rep["models"].items():
+    for s, v in per.items():
+      au = (selective.format_auroc(v["auroc"]) if np.isnan(v["auroc"]) else
+            f"{v['auroc']:.3f} [{v['auroc_ci95'][0]:.3f}, {v['auroc_ci95'][1]:.3f}]")
+      lines.append(f"| {model} | {s} | {v['area']:.2f} [{v['area_ci95'][0]:.2f}, "
+                   f"{v['area_ci95'][1]:.2f}] | {au} | {v['mean_quality']:.2f} | "
+                   f"{v['oracle_area']:.2f} |")
+  for model, per in rep["models"].items():
+    if per:
+      best = max(per, key=lambda s: per[s]["area"])
+      lines.append(f"\nBest area for {model}: `{best}` ({per[best]['area']:.2f}).")
+  if rep["paired_area_differences"]:
+    lines += ["", f"Paired area differences vs {rep['paired_area_differences'][0]['baseline']} "
+              "(same examples, each model ranking its own outputs):", "",
+              "| model | confidence score | Δarea [95% CI] | |", "|---|---|---|---|"]
+    lines += [f"| {d['model']} | {d['score']} | {d['diff']:+.2f} [{d['ci95'][0]:+.2f}, "
+              f"{d['ci95'][1]:+.2f}] | {'within noise' if d['within_noise'] else ''} |"
+              for d in rep["paired_area_differences"]]
+  for s, why in rep.get("skipped", {}).items():
+    lines.append(f"\n`{s}` not computed: {why}.")
+  lines.append("\n![coverage vs quality](coverage_quality.png)")
+  return "\n".join(lines) + "\n"
+
+
 def run(models: dict[str, Any], model, data, config, out_dir: str, *, decoder_for_report=None):
   """Evaluates ``models`` (name -> params) and writes ``eval.json``, ``eval.md`` and plots."""
   c = eval_config(config)
@@ -175,7 +320,8 @@ def run(models: dict[str, Any], model, data, config, out_dir: str, *, decoder_fo
 
     bar = tqdm(total=n_runs, desc="evaluate", unit="decode", dynamic_ncols=True)
   predictions: list[dict[str, Any]] = []
-  rows = quality_grid(models, model, data, c, bar, predictions)
+  beams: dict[str, np.ndarray] = {}
+  rows = quality_grid(models, model, data, c, bar, predictions, beams if c["selective"] else None)
   if bar is not None:
     bar.close()
   diffs = paired_differences(rows)
@@ -183,7 +329,10 @@ def run(models: dict[str, Any], model, data, config, out_dir: str, *, decoder_fo
     r.pop("_per_example")
   first = next(iter(models.values()))
   corr = calibration_report(models, model, data, c, decoder_for_report or first)
+  sel_records: list[dict[str, Any]] = []
+  sel = selective_report(models, model, data, c, beams, sel_records) if c["selective"] else None
   result = {"grid": rows, "paired_differences": diffs, "rank_correlation": corr,
+            "selective": sel,
             "split": c["split"], "num_examples": len(_examples(data, c)),
             "truncation": (getattr(data, "truncation", None) or {}).get(c["split"])}
   with open(os.path.join(out_dir, "eval.json"), "w") as f:
@@ -194,7 +343,18 @@ def run(models: dict[str, Any], model, data, config, out_dir: str, *, decoder_fo
   with open(os.path.join(out_dir, "eval.md"), "w") as f:
     f.write(markdown_table(rows, corr, diffs))
     f.write(truncation_note(result["truncation"], c["split"]))
+    if sel:
+      f.write(selective_markdown(sel))
   plots.quality_vs_beam(rows, os.path.join(out_dir, "quality_vs_beam.png"))
+  if sel:
+    with open(os.path.join(out_dir, "selective.jsonl"), "w") as f:
+      for r in sel_records:
+        f.write(json.dumps(r) + "\n")
+    plots.coverage_quality(
+      {m: {s: dict(v["curve"], area=v["area"]) for s, v in per.items()}
+       for m, per in sel["models"].items()},
+      os.path.join(out_dir, "coverage_quality.png"),
+    )
   return result
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from slicjax import checkpoint, optim, scoring
-from slicjax.evaluation import metrics
+from slicjax.evaluation import metrics, selective
 from slicjax.pipelines import calibrate, candidates, evaluate, mle, tasks
 
 FAMILIES = {
@@ -92,8 +92,21 @@ def test_calibration_lowers_loss_and_raises_rank_correlation(family, tmp_path):
   res = evaluate.run({"fine-tuned": ft, "calibrated": cal}, model, data, cfg,
                      str(tmp_path / "eval"))
   assert {r["beam"] for r in res["grid"]} == {1, 2}
-  for f in ("eval.md", "eval.json", "quality_vs_beam.png"):
+  for f in ("eval.md", "eval.json", "quality_vs_beam.png", "coverage_quality.png"):
     assert os.path.getsize(tmp_path / "eval" / f) > 0
+  # selective generation: token-id task, so only the likelihood scores; per-example records
+  # recompute the reported areas
+  sel = res["selective"]
+  assert sel["scores"] == ["logp", "logp_norm"] and "no tokenizer" in sel["skipped"]["self_eval"]
+  recs = [json.loads(x) for x in open(tmp_path / "eval" / "selective.jsonl")]
+  assert len(recs) == 2 * 8
+  for name in ("fine-tuned", "calibrated"):
+    mine = [r for r in recs if r["model"] == name]
+    for score in ("logp", "logp_norm"):
+      area = selective.curve_area([r[score] for r in mine], [r["rougeL"] for r in mine])
+      assert area == pytest.approx(sel["models"][name][score]["area"])
+  assert [d["score"] for d in sel["paired_area_differences"]] == ["logp", "logp_norm"]
+  assert "## Selective generation" in open(tmp_path / "eval" / "eval.md").read()
 
 
 def test_demo_calibration_losses_parse_in_order():

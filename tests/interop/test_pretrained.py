@@ -188,3 +188,14 @@ def test_decode_prompt_returns_the_input_without_the_template(tiny):
   _, _, tok = load_pretrained(path, max_len=96, instruction="Summarize.")
   text = "def f(x):\n    return x"
   assert tok.decode_prompt(tok.encode_prompt(text) + [PAD_ID] * 3) == text
+
+
+def test_with_instruction_swaps_only_the_instruction(tiny):
+  path, _ = tiny
+  _, _, tok = load_pretrained(path, max_len=96, instruction="Summarize.")
+  bare = tok.with_instruction("")
+  text = "Is this right? Answer Yes or No."
+  assert bare.instruction == "" and tok.instruction == "Summarize."  # the original is untouched
+  assert bare.format_prompt(text) == tok.format_prompt(text).replace("Summarize.\n\n", "")
+  assert bare.decode_prompt(bare.encode_prompt(text)) == text
+  assert tok.with_instruction("Summarize.") is tok

@@ -114,11 +114,11 @@ def _manifest_change(tmp):
 
 
 def _pairs(same: bool):
-  from slicjax.pipelines import rso
+  from slicjax.pipelines import preference_pairs
 
   p = dict(index=7, prompt=[3, 4], chosen=[5, 1], rejected=[5, 1] if same else [6, 1],
            target=[5, 1])
-  return rso.pairs_to_arrays([dict(p, index=1, rejected=[6, 1]), p], 4, 4)
+  return preference_pairs.pairs_to_arrays([dict(p, index=1, rejected=[6, 1]), p], 4, 4)
 
 
 # (id, callable(tmp_path), exception type, regex the message must match)

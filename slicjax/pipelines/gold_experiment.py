@@ -31,7 +31,7 @@ import numpy as np
 
 from slicjax import optim, training
 from slicjax.data import iterators
-from slicjax.pipelines import common, rso, tasks
+from slicjax.pipelines import common, preference_pairs, rso, tasks
 from slicjax.pipelines.preference import PREFERENCE_KEYS, SOURCES, train_preference
 
 EXPERIMENT_PRESETS: dict[str, dict[str, Any]] = {
@@ -225,7 +225,7 @@ def gold_pairs(cfg, out_dir, *, model, human_params, sft_params, data):
     desc="human pairs",
     progress=cfg.train.progress,
   )
-  return rso.read_rows(out_dir)
+  return preference_pairs.read_rows(out_dir)
 
 
 def _greedy_outputs(model, params, data, examples, batch_size):
@@ -355,20 +355,20 @@ def synthetic_gold_experiment(config=None, workdir: str = "", preset: str = "smo
     cfg,
     os.path.join(workdir, "reward"),
     data=data,
-    pairs=rso.flatten_pairs(human),
+    pairs=preference_pairs.flatten_pairs(human),
     # The reward backbone starts from the SFT policy when it has the same architecture.
     init_params=sft if reward_lib.reward_model_config(cfg) == common.to_dict(cfg.model) else None,
   )
   lap("proxy reward model")
-  pair_sets = {"direct": rso.flatten_pairs(human)}
+  pair_sets = {"direct": preference_pairs.flatten_pairs(human)}
   acceptance = {"direct": rso.acceptance_summary(human)}
   for source, mode in (("sft-sample-rank", "sft"), ("rso-sample-rank", "rso")):
     stage = ml_collections.ConfigDict(cfg.to_dict())
     stage.rso.mode = mode
     out = os.path.join(workdir, f"pairs_{mode}")
     rso.rso_sample(stage, out, params=sft, model=model, data=data, reward=proxy)
-    rows = rso.read_rows(out)
-    pair_sets[source] = rso.flatten_pairs(rows)
+    rows = preference_pairs.read_rows(out)
+    pair_sets[source] = preference_pairs.flatten_pairs(rows)
     acceptance[source] = rso.acceptance_summary(rows)
     lap(f"{source} pairs")
   policies, info = {"SFT": sft}, {"SFT": dict(source="SFT", loss="-")}

@@ -19,7 +19,7 @@ SLiC-HF), their margin and pair accuracy, and the policy-only accuracy ``log π(
 log π(y_l)``. SLiC-HF's cross-entropy target ``y_ref`` is the prompt's dataset target (the
 chosen completion for text pairs, which carry none).
 
-:func:`synthetic_gold_experiment` (in :mod:`slicjax.pipelines.gold_experiment`) compares the
+:func:`slicjax.pipelines.gold_experiment.synthetic_gold_experiment` (which imports this) compares the
 pair sources and losses under a synthetic gold reward and writes a markdown table.
 """
 
@@ -38,7 +38,7 @@ from absl import logging
 from slicjax import optim, scoring, training
 from slicjax.data import iterators
 from slicjax.losses import preference as pref_losses
-from slicjax.pipelines import common, rso, tasks, validation
+from slicjax.pipelines import common, preference_pairs, rso, tasks, validation
 from slicjax.train_state import TrainState
 
 PREFERENCE_KEYS = dict(
@@ -221,7 +221,7 @@ def load_pairs(config, c, *, model, params, data, pairs=None):
     raise ValueError(
       "preference.pairs is empty: give a pair directory (or a text .jsonl for pair_source=direct)."
     )
-  if c["pair_source"] != "direct" and not rso.has_chunks(c["pairs"]):
+  if c["pair_source"] != "direct" and not preference_pairs.has_chunks(c["pairs"]):
     if os.path.isfile(c["pairs"]):
       raise ValueError(
         f"pair_source={c['pair_source']} reads a pair directory, not the file "
@@ -232,7 +232,7 @@ def load_pairs(config, c, *, model, params, data, pairs=None):
     rso_section["mode"] = "rso" if c["pair_source"] == "rso-sample-rank" else "sft"
     cfg.rso = rso_section
     rso.rso_sample(cfg, c["pairs"], params=params, model=model, data=data)
-  pairs = rso.read_pairs(c["pairs"], data)
+  pairs = preference_pairs.read_pairs(c["pairs"], data)
   sources = {p["source"] for p in pairs if p.get("source")}
   if sources and sources != {c["pair_source"]}:
     raise ValueError(
@@ -333,7 +333,7 @@ def train_preference(
       "preference.ref_logp='on_the_fly' shares the masks (at the cost of a resident reference)."
     )
   pairs = load_pairs(config, c, model=model, params=params, data=data, pairs=pairs)
-  arrays = rso.pairs_to_arrays(pairs, data.input_len, data.target_len)
+  arrays = preference_pairs.pairs_to_arrays(pairs, data.input_len, data.target_len)
   arrays = fill_ref_logps(model, params, arrays, c["batch_size"])
   before = pair_report(model, params, arrays, c, c["batch_size"])
   mesh = common.make_mesh(config)
@@ -382,10 +382,3 @@ def train_preference(
     after["dpo_loss"],
   )
   return state, summary
-
-
-def synthetic_gold_experiment(config=None, workdir: str = "", preset: str = "smoke"):
-  """The synthetic-gold experiment; see :mod:`slicjax.pipelines.gold_experiment`."""
-  from slicjax.pipelines import gold_experiment
-
-  return gold_experiment.synthetic_gold_experiment(config, workdir, preset)

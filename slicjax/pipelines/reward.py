@@ -34,7 +34,7 @@ from slicjax import checkpoint, optim, training
 from slicjax.data import iterators
 from slicjax.models import reward as reward_models
 from slicjax.models.factory import build_model
-from slicjax.pipelines import common, rso, tasks, validation
+from slicjax.pipelines import common, preference_pairs, tasks, validation
 from slicjax.preference import ranking
 
 REWARD_KEYS = dict(
@@ -281,7 +281,7 @@ def train_reward(config, workdir: str, *, data=None, pairs=None, init_params=Non
       ``reward_optimizer`` or ``optimizer``).
     workdir: checkpoints, metrics, ``reward_model.json`` and ``reward_eval.json`` go here.
     data: the task (loaded from ``config.data`` if not given).
-    pairs: flat pair dicts (:func:`slicjax.pipelines.rso.read_pairs`) instead of
+    pairs: flat pair dicts (:func:`slicjax.pipelines.preference_pairs.read_pairs`) instead of
       ``reward.pairs``.
     init_params: backbone (pointwise) or model (ranker) parameters instead of
       ``reward.init_from``.
@@ -301,7 +301,7 @@ def train_reward(config, workdir: str, *, data=None, pairs=None, init_params=Non
   if pairs is None:
     if not c["pairs"]:
       raise ValueError("reward.pairs is empty: give a pair directory or a text pairs .jsonl.")
-    pairs = rso.read_pairs(c["pairs"], data)
+    pairs = preference_pairs.read_pairs(c["pairs"], data)
   train_pairs, held_pairs = split_pairs(pairs, c["eval_fraction"], c["seed"])
   model_cfg = reward_model_config(config)
   pre = common.pretrained(config)  # pretrained.init_from overrides reward_model / model
@@ -329,8 +329,9 @@ def train_reward(config, workdir: str, *, data=None, pairs=None, init_params=Non
       if c["kind"] == "pointwise"
       else init_params
     )
-  arrays = rso.pairs_to_arrays(train_pairs, data.input_len, data.target_len)
-  held = rso.pairs_to_arrays(held_pairs, data.input_len, data.target_len) if held_pairs else None
+  arrays = preference_pairs.pairs_to_arrays(train_pairs, data.input_len, data.target_len)
+  held = (preference_pairs.pairs_to_arrays(held_pairs, data.input_len, data.target_len)
+          if held_pairs else None)
   mesh = common.make_mesh(config)
   opt_cfg = config.get("reward_optimizer") or config.get("optimizer")
   tx, schedule = optim.make_optimizer(common.to_dict(opt_cfg), c["steps"])

@@ -10,8 +10,8 @@ from jax.test_util import check_grads
 
 from slicjax.models import reward
 from slicjax.models.factory import build_model
+from slicjax.pipelines import preference_pairs, tasks
 from slicjax.pipelines import reward as reward_lib
-from slicjax.pipelines import rso, tasks
 
 VOCAB = 12  # task ids 4..11; the ranker's reserved ids are 12..16
 MODEL = dict(
@@ -225,7 +225,7 @@ def test_ranker_learns_and_is_flip_consistent(toy, tmp_path):
   )
   assert report["heldout_accuracy"] > 0.75, report
   _, held = reward_lib.split_pairs(pairs, 0.25, seed=0)  # the split train_reward used
-  arr = rso.pairs_to_arrays(held, S, L)
+  arr = preference_pairs.pairs_to_arrays(held, S, L)
   net, params = loaded.net, loaded.params
   prob_a = jax.jit(net.prob_a)
   p_ab = np.asarray(prob_a(params, arr["inputs"], arr["chosen"], arr["rejected"]))

@@ -14,7 +14,7 @@ from rouge_score import rouge_scorer
 from slicjax import scoring
 from slicjax.models import reward as reward_models
 from slicjax.models.factory import build_model
-from slicjax.pipelines import gold_experiment, preference, rso, tasks
+from slicjax.pipelines import gold_experiment, preference, preference_pairs, rso, tasks
 from slicjax.pipelines import reward as reward_lib
 
 VOCAB, S, L = 12, 4, 6
@@ -87,7 +87,7 @@ def _gold(cand_text, ref_text):
 
 def test_rso_pairs_are_consistent(setup, rso_dir):
   cfg, data, model, params = setup
-  rows = rso.read_rows(rso_dir)
+  rows = preference_pairs.read_rows(rso_dir)
   assert [r["index"] for r in rows] == list(range(24))
   assert sorted(f for f in os.listdir(rso_dir) if f.startswith("chunk")) == [
     "chunk-00000.jsonl",
@@ -107,7 +107,7 @@ def test_rso_pairs_are_consistent(setup, rso_dir):
       np.testing.assert_allclose(
         p["chosen_reward"], _gold(p["chosen_text"], r["target_text"]), atol=1e-6
       )
-      batch = rso.pairs_to_arrays(
+      batch = preference_pairs.pairs_to_arrays(
         [
           dict(
             prompt=r["prompt"],
@@ -138,7 +138,7 @@ def test_rso_sample_resumes_after_a_lost_chunk(setup, rso_dir, tmp_path):
   os.remove(os.path.join(out, "chunk-00001.jsonl"))  # killed while writing chunk 1
   stamp = os.path.getmtime(os.path.join(out, "chunk-00000.jsonl"))
   with pytest.raises(ValueError, match="gaps"):
-    rso.read_rows(out)
+    preference_pairs.read_rows(out)
   rso.rso_sample(cfg, out, params=params, model=model, data=data)
   assert open(os.path.join(out, "chunk-00001.jsonl")).read() == original
   assert os.path.getmtime(os.path.join(out, "chunk-00000.jsonl")) == stamp  # not rewritten
@@ -153,7 +153,7 @@ def test_sft_sample_rank_and_ranker_labels(setup, tmp_path):
   c = _config(rso=dict(reward="model", mode="sft", num_examples=8))
   out = str(tmp_path / "sft")
   rso.rso_sample(c, out, params=params, model=model, data=data, reward=loaded)
-  rows = rso.read_rows(out)
+  rows = preference_pairs.read_rows(out)
   assert {r["source"] for r in rows} == {"sft-sample-rank"}
   chosen, rejected, prompts = [], [], []
   for r in rows:
@@ -168,7 +168,7 @@ def test_sft_sample_rank_and_ranker_labels(setup, tmp_path):
     dict(prompt=x, chosen=w, rejected=lose, target=w, index=0)
     for x, w, lose in zip(prompts, chosen, rejected)
   ]
-  arr = rso.pairs_to_arrays(pairs, S, L)
+  arr = preference_pairs.pairs_to_arrays(pairs, S, L)
   # Every pair's chosen completion wins the ranker's (symmetrized) comparison.
   assert (loaded.win_prob(arr["inputs"], arr["chosen"], arr["rejected"]) > 0.5).all()
 

@@ -24,7 +24,17 @@ from slicjax import checkpoint, optim
 from slicjax.decoding.api import decode
 from slicjax.interop import pretrained
 from slicjax.models.seq_model import EOS_ID
-from slicjax.pipelines import candidates, common, evaluate, mle, preference, reward, rso, tasks
+from slicjax.pipelines import (
+  candidates,
+  common,
+  evaluate,
+  mle,
+  preference,
+  preference_pairs,
+  reward,
+  rso,
+  tasks,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FUNCS = [
@@ -194,7 +204,7 @@ def test_reward_rso_decode_and_evaluate_from_gguf(setup):
   again = reward.load_reward(str(d / "rm"))
   assert again.net.backbone.vocab_size == loaded.net.backbone.vocab_size
   out = rso.rso_sample(cfg, str(d / "rso"))
-  rows = rso.read_rows(out)
+  rows = preference_pairs.read_rows(out)
   assert len(rows) == 4
   data = tasks.load(cfg, batch_size=4)
   model, params, tok = common.pretrained(cfg)

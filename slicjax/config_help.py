@@ -193,6 +193,7 @@ EVAL_DOCS = {
   "selective": "Selective-generation report: coverage-quality curves, areas, AUROC.",
   "selective_beam": "Beam size whose top output the selective report ranks.",
   "selective_scores": "Confidence scores: logp, logp_norm, self_eval, multi_choice.",
+  "selective_prompt_len": "Self-evaluation prompt length (<= model max_len - 4); 0 = input_len.",
 }
 
 REWARD_DOCS = {
@@ -232,13 +233,15 @@ RSO_DOCS = {
   "chunk_size": "Prompts per output chunk (a multiple of batch_size; the unit of resumption).",
   "seed": "Seed.",
   "symmetric": "ranker: average both presentation orders.",
+  "ranker_baseline": "ranker reward baseline y_b: first_sample (RSO) or target.",
   "progress": "Show a progress bar.",
 }
 
 PREFERENCE_DOCS = {
-  "loss": "Loss: sigmoid_norm, dpo, hinge, hinge_norm, ipo or slic_hf.",
-  "beta": "sigmoid_norm/dpo/ipo: scale of the log-ratio margin.",
-  "gamma": "hinge/hinge_norm: scale of the log-likelihood gap.",
+  "loss": "Loss: sigmoid_norm, dpo, hinge, hinge_norm, ipo, ipo_seq or slic_hf.",
+  "beta": "dpo/ipo/ipo_seq: scale of the log-ratio margin (IPO target 1/(2 beta)).",
+  "gamma": "RSO's scale for sigmoid_norm, hinge and hinge_norm (paper: 0.05).",
+  "slic_hf_target": "slic_hf y_ref: target (SFT target) or best_ranked (best sample).",
   "delta": "hinge/slic_hf: the margin.",
   "label_smoothing": "sigmoid_norm/dpo: assumed label-flip probability in [0, 0.5).",
   "reg_weight": "slic_hf: weight of the target cross-entropy.",

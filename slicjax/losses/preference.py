@@ -59,7 +59,8 @@ def sigmoid_norm_loss(
     policy_rejected_logp_B: ``log π_θ(y_l|x)``.
     ref_chosen_logp_B: ``log π_ref(y_w|x)``.
     ref_rejected_logp_B: ``log π_ref(y_l|x)``.
-    beta: β (DPO; RSO calls the same scale γ, default 0.05 there). Must be > 0.
+    beta: β (DPO, default 0.1); RSO calls the same scale γ (default 0.05), which the
+      preference pipeline passes here for its ``sigmoid_norm`` loss. Must be > 0.
     label_smoothing: ε in ``[0, 0.5)``, the assumed probability that a label is flipped.
 
   Returns:
@@ -170,20 +171,26 @@ def ipo_loss(
   rejected_len_B: jax.Array,
   *,
   beta: float = 0.1,
+  length_normalize: bool = True,
 ) -> jax.Array:
-  """IPO loss with per-token normalized log-ratios.
+  """IPO loss, with per-token normalized log-ratios (default) or in the paper's sequence-level
+  form (``length_normalize=False``).
 
   .. math::
 
     \\mathcal{L} = \\Bigl(\\frac{\\Delta_w}{|y_w|} - \\frac{\\Delta_l}{|y_l|}
       - \\frac{1}{2\\beta}\\Bigr)^2
+    \\quad\\text{or}\\quad
+    \\mathcal{L} = \\Bigl(\\Delta_w - \\Delta_l - \\frac{1}{2\\beta}\\Bigr)^2
 
   Args:
     policy_chosen_logp_B, policy_rejected_logp_B, ref_chosen_logp_B, ref_rejected_logp_B: as in
       :func:`sigmoid_norm_loss`.
     chosen_len_B: ``|y_w|``, number of completion tokens of the chosen output (> 0).
     rejected_len_B: ``|y_l|`` likewise.
-    beta: β > 0; the regression target for the normalized margin is ``1/(2β)``.
+    beta: β > 0; the regression target for the (normalized) margin is ``1/(2β)``.
+    length_normalize: divide each log-ratio by its completion's token count (the common
+      implementation); ``False`` is Azar et al.'s sequence-level form (lengths unused).
 
   Returns:
     ``[B]`` loss.
@@ -208,6 +215,8 @@ def ipo_loss(
         "completions before building pairs."
       )
   rw, rl = jax.lax.stop_gradient(rw), jax.lax.stop_gradient(rl)
+  if not length_normalize:
+    return jnp.square((pw - rw) - (pl - rl) - 1.0 / (2.0 * beta))
   nw, nl = jnp.maximum(nw, 1.0), jnp.maximum(nl, 1.0)
   return jnp.square((pw - rw) / nw - (pl - rl) / nl - 1.0 / (2.0 * beta))
 

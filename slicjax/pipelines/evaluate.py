@@ -25,6 +25,7 @@ EVAL_KEYS = dict(
   length_penalty_style="gnmt", finish_top_2k=False, split="validation",
   selective=True, selective_beam=4, selective_scores=("logp", "logp_norm", "self_eval",
                                                       "multi_choice"),
+  selective_prompt_len=0,
 )
 
 
@@ -54,6 +55,7 @@ def validate(config, workdirs: dict[str, str]) -> dict[str, Any]:
   validation.count(c["num_examples"], "evaluate.num_examples", minimum=0)
   if c["selective"]:
     validation.count(c["selective_beam"], "evaluate.selective_beam")
+    validation.count(c["selective_prompt_len"], "evaluate.selective_prompt_len", minimum=0)
     confidence.check_scores(_score_names(c))
   for name, wd in workdirs.items():
     validation.run_dir(wd, f"--model_workdirs {name}")
@@ -199,23 +201,29 @@ def selective_report(models: dict[str, Any], model, data, c, beams: dict | None 
   """Selective generation of every model's top beam at (``selective_beam``, first α): each
   confidence score's coverage-ROUGE-L curve, its area and AUROC for "ROUGE-L above the median"
   with 95% bootstrap intervals, and per score the paired area difference of every model vs the
-  first. ``records`` (a list) receives one dict per (model, example) with the scores."""
+  first. ``records`` (a list) receives one dict per (model, example) with the scores.
+
+  A self-evaluation score whose prompt cannot fit ``selective_prompt_len`` tokens (0 =
+  ``data.input_len``) even without the input text is left out for that model, with the
+  reason under ``skipped[model][score]``."""
   examples = _examples(data, c)
   beams = dict(beams or {})
   names = confidence.check_scores(_score_names(c))
-  skipped = {}
+  skipped: dict[str, dict[str, str]] = {name: {} for name in models}
   if data.tokenizer is None:
-    skipped = {s: "the task has no tokenizer (token-id task): no text prompt to build"
-               for s in names if s in confidence.TEXT_SCORES}
-    names = tuple(s for s in names if s not in skipped)
+    for name in models:
+      skipped[name] = {s: "the task has no tokenizer (token-id task): no text prompt to build"
+                       for s in names if s in confidence.TEXT_SCORES}
+    names = tuple(s for s in names if s not in confidence.TEXT_SCORES)
   refs = [data.reference(e) for e in examples]
   sources = [_source_text(data, e) for e in examples] if data.tokenizer is not None else None
   inputs = np.stack([iterators.pad_batch([e], data.input_len, data.target_len)["inputs"][0]
                      for e in examples])
   max_len = c["max_len"] or data.target_len
   alpha = c["alphas"][0]
-  scorer = confidence.ConfidenceScorer(model, data.tokenizer, data.input_len)
-  per_model, scores_of, quality_of = {}, {}, {}
+  scorer = confidence.ConfidenceScorer(model, data.tokenizer,
+                                       c["selective_prompt_len"] or data.input_len)
+  scores_of, quality_of = {}, {}
   items = models.items()
   if c["progress"]:
     from tqdm.auto import tqdm
@@ -236,7 +244,7 @@ def selective_report(models: dict[str, Any], model, data, c, beams: dict | None 
                          np.float64) * 100
     scores = {}
     groups = [tuple(s for s in names if s not in confidence.TEXT_SCORES)]
-    groups += [(s,) for s in names if s in confidence.TEXT_SCORES and s not in skipped]
+    groups += [(s,) for s in names if s in confidence.TEXT_SCORES]
     for group in filter(None, groups):
       try:
         scores.update(confidence.score_outputs(
@@ -245,11 +253,10 @@ def selective_report(models: dict[str, Any], model, data, c, beams: dict | None 
           detokenize=data.detokenize, batch_size=c["batch_size"],
         ))
       except confidence.PromptTooLong as e:
-        logging.warning("selective report: %s not computed: %s", group[0], e)
-        skipped[group[0]] = str(e).rstrip(".")
+        logging.warning("selective report: %s not computed for %s: %s", group[0], name, e)
+        skipped[name][group[0]] = str(e).rstrip(".")
     scores = {s: scores[s] for s in names if s in scores}
     scores_of[name], quality_of[name] = scores, quality
-    per_model[name] = {s: selective.selective_summary(v, quality) for s, v in scores.items()}
     if records is not None:
       records.extend(
         dict(id=i, model=name, beam=int(c["selective_beam"]), alpha=float(alpha),
@@ -257,17 +264,71 @@ def selective_report(models: dict[str, Any], model, data, c, beams: dict | None 
              **{s: float(v[i]) for s, v in scores.items()})
         for i in range(len(examples))
       )
-  first = next(iter(models))
+  return summarize_selective(scores_of, quality_of, names, beam=int(c["selective_beam"]),
+                             alpha=float(alpha), skipped=skipped)
+
+
+def summarize_selective(scores_of: dict[str, dict[str, np.ndarray]],
+                        quality_of: dict[str, np.ndarray], names: tuple[str, ...], *, beam: int,
+                        alpha: float, skipped: dict | None = None) -> dict[str, Any]:
+  """The selective-generation report from per-example confidence scores and ROUGE-L of each
+  model (first model = baseline of the paired differences; first score = baseline of the
+  score differences). :func:`selective_from_records` rebuilds it from ``selective.jsonl``."""
+  models = list(scores_of)
+  per_model = {name: {s: selective.selective_summary(v, quality_of[name])
+                      for s, v in scores_of[name].items()} for name in models}
+  first = models[0]
   paired = [
     dict(model=name, baseline=first, score=s,
          **selective.paired_area_difference(scores_of[name][s], quality_of[name],
                                             scores_of[first][s], quality_of[first]))
-    for name in models if name != first for s in names if s not in skipped
+    for name in models if name != first for s in names
+    if s in scores_of[name] and s in scores_of[first]
   ]
-  names = tuple(s for s in names if s not in skipped)
-  return dict(beam=int(c["selective_beam"]), alpha=float(alpha), scores=list(names),
-              skipped=skipped, models=per_model, paired_area_differences=paired,
-              num_examples=len(examples))
+  # Which score ranks best: every score minus the first (logp by default) within each model.
+  vs_first_score = [
+    dict(model=name, score=s, baseline_score=names[0],
+         **selective.paired_area_difference(scores_of[name][s], quality_of[name],
+                                            scores_of[name][names[0]], quality_of[name]))
+    for name in models for s in names[1:]
+    if s in scores_of[name] and names[0] in scores_of[name]
+  ]
+  return dict(beam=beam, alpha=alpha, scores=list(names),
+              skipped=skipped or {name: {} for name in models}, models=per_model,
+              paired_area_differences=paired, score_differences=vs_first_score,
+              num_examples=len(next(iter(quality_of.values()))))
+
+
+def selective_from_records(records: list[dict[str, Any]]) -> dict[str, Any]:
+  """:func:`summarize_selective` of the per-example records of ``selective.jsonl`` (one line per
+  (model, example): ``id``, ``model``, ``beam``, ``alpha``, ``rougeL`` and one key per score).
+
+  Raises:
+    ValueError: no records, or models with different example ids.
+  """
+  if not records:
+    raise ValueError("no selective-generation records; give a selective.jsonl from evaluate.")
+  models = list(dict.fromkeys(r["model"] for r in records))
+  names = tuple(s for s in confidence.SCORES if s in records[0])
+  scores_of, quality_of, ids = {}, {}, {}
+  for name in models:
+    rows = sorted((r for r in records if r["model"] == name), key=lambda r: r["id"])
+    ids[name] = [r["id"] for r in rows]
+    quality_of[name] = np.asarray([r["rougeL"] for r in rows], np.float64)
+    scores_of[name] = {s: np.asarray([r[s] for r in rows], np.float64)
+                       for s in names if all(s in r for r in rows)}
+  if any(ids[m] != ids[models[0]] for m in models):
+    raise ValueError("selective.jsonl: the models cover different example ids; pair them first.")
+  return summarize_selective(scores_of, quality_of, names, beam=int(records[0]["beam"]),
+                             alpha=float(records[0]["alpha"]))
+
+
+def selective_plot(rep: dict[str, Any], path: str) -> str:
+  """``coverage_quality.png`` of a selective-generation report."""
+  return plots.coverage_quality(
+    {m: {s: dict(v["curve"], area=v["area"]) for s, v in per.items()}
+     for m, per in rep["models"].items()}, path,
+  )
 
 
 def selective_markdown(rep: dict[str, Any]) -> str:
@@ -303,8 +364,17 @@ def selective_markdown(rep: dict[str, Any]) -> str:
     lines += [f"| {d['model']} | {d['score']} | {d['diff']:+.2f} [{d['ci95'][0]:+.2f}, "
               f"{d['ci95'][1]:+.2f}] | {'within noise' if d['within_noise'] else ''} |"
               for d in rep["paired_area_differences"]]
-  for s, why in rep.get("skipped", {}).items():
-    lines.append(f"\n`{s}` not computed: {why}.")
+  if rep.get("score_differences"):
+    base = rep["score_differences"][0]["baseline_score"]
+    lines += ["", f"Paired area differences between scores, each minus `{base}` (same model, same "
+              "outputs):", "", f"| model | confidence score | Δarea vs {base} [95% CI] | |",
+              "|---|---|---|---|"]
+    lines += [f"| {d['model']} | {d['score']} | {d['diff']:+.2f} [{d['ci95'][0]:+.2f}, "
+              f"{d['ci95'][1]:+.2f}] | {'within noise' if d['within_noise'] else ''} |"
+              for d in rep["score_differences"]]
+  for model, per in rep.get("skipped", {}).items():
+    for s, why in per.items():
+      lines.append(f"\n`{s}` not computed for {model}: {why}.")
   lines.append("\n![coverage vs quality](coverage_quality.png)")
   return "\n".join(lines) + "\n"
 
@@ -350,11 +420,7 @@ def run(models: dict[str, Any], model, data, config, out_dir: str, *, decoder_fo
     with open(os.path.join(out_dir, "selective.jsonl"), "w") as f:
       for r in sel_records:
         f.write(json.dumps(r) + "\n")
-    plots.coverage_quality(
-      {m: {s: dict(v["curve"], area=v["area"]) for s, v in per.items()}
-       for m, per in sel["models"].items()},
-      os.path.join(out_dir, "coverage_quality.png"),
-    )
+    selective_plot(sel, os.path.join(out_dir, "coverage_quality.png"))
   return result
 
 

@@ -48,6 +48,7 @@ PREFERENCE_KEYS = dict(
   delta=1.0,
   label_smoothing=0.0,
   reg_weight=1.0,
+  slic_hf_target="target",
   pair_source="direct",
   pairs="",
   sft_workdir="",
@@ -60,7 +61,8 @@ PREFERENCE_KEYS = dict(
   seed=0,
   progress=True,
 )
-LOSSES = ("sigmoid_norm", "dpo", "hinge", "hinge_norm", "ipo", "slic_hf")
+LOSSES = ("sigmoid_norm", "dpo", "hinge", "hinge_norm", "ipo", "ipo_seq", "slic_hf")
+SLIC_HF_TARGETS = ("target", "best_ranked")
 SOURCES = ("direct", "sft-sample-rank", "rso-sample-rank")
 REF_LOGP = ("stored", "on_the_fly")
 
@@ -73,12 +75,19 @@ def preference_config(config) -> dict[str, Any]:
     raise ValueError(f"preference.loss={c['loss']!r}; choose from {LOSSES}.")
   if c["pair_source"] not in SOURCES:
     raise ValueError(f"preference.pair_source={c['pair_source']!r}; choose from {SOURCES}.")
+  if c["slic_hf_target"] not in SLIC_HF_TARGETS:
+    raise ValueError(
+      f"preference.slic_hf_target={c['slic_hf_target']!r}; choose 'target' (the SFT target) "
+      "or 'best_ranked' (the prompt's highest-reward sample, from an rso_sample pair directory)."
+    )
   if c["ref_logp"] not in REF_LOGP:
     raise ValueError(f"preference.ref_logp={c['ref_logp']!r}; choose from {REF_LOGP}.")
   for k in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
     validation.count(c[k], f"preference.{k}")
   validation.finite(c["beta"], "preference.beta",
                     what="beta scales the policy/reference log-ratio; 0 makes every loss constant")
+  validation.finite(c["gamma"], "preference.gamma",
+                    what="gamma scales the log-ratio margin of sigmoid_norm, hinge and hinge_norm")
   validation.finite(c["reg_weight"], "preference.reg_weight", low_inclusive=True)
   validation.finite(c["label_smoothing"], "preference.label_smoothing", low_inclusive=True,
                     high=0.5)
@@ -86,10 +95,11 @@ def preference_config(config) -> dict[str, Any]:
 
 
 def reward_scale(c: dict[str, Any]) -> float:
-  """The scale ``s`` of the logged implicit rewards ``s · (log π − log π_ref)``."""
-  if c["loss"] in ("sigmoid_norm", "dpo", "ipo"):
+  """The scale ``s`` of the logged implicit rewards ``s · (log π − log π_ref)``: RSO's γ for its
+  losses (sigmoid_norm, hinge, hinge_norm), β for DPO and IPO."""
+  if c["loss"] in ("dpo", "ipo", "ipo_seq"):
     return float(c["beta"])
-  if c["loss"] in ("hinge", "hinge_norm"):
+  if c["loss"] in ("sigmoid_norm", "hinge", "hinge_norm"):
     return float(c["gamma"])
   return 1.0
 
@@ -98,16 +108,17 @@ def pair_loss(c: dict[str, Any], pw, pl, rw, rl, nw, nl, pt=None) -> jax.Array:
   """``[B]`` loss ``c["loss"]`` from policy (``pw``, ``pl``) and reference (``rw``, ``rl``)
   sequence log-probs, completion lengths (``nw``, ``nl``) and the target log-prob ``pt``."""
   name = c["loss"]
-  if name in ("sigmoid_norm", "dpo"):
+  if name in ("sigmoid_norm", "dpo"):  # one loss; RSO's recipe scales it by γ, DPO's by β
     return pref_losses.sigmoid_norm_loss(
-      pw, pl, rw, rl, beta=c["beta"], label_smoothing=c["label_smoothing"]
+      pw, pl, rw, rl, beta=reward_scale(c), label_smoothing=c["label_smoothing"]
     )
   if name == "hinge":
     return pref_losses.hinge_loss(pw, pl, gamma=c["gamma"], delta=c["delta"])
   if name == "hinge_norm":
     return pref_losses.hinge_norm_loss(pw, pl, rw, rl, gamma=c["gamma"], delta=c["delta"])
-  if name == "ipo":
-    return pref_losses.ipo_loss(pw, pl, rw, rl, nw, nl, beta=c["beta"])
+  if name in ("ipo", "ipo_seq"):
+    return pref_losses.ipo_loss(pw, pl, rw, rl, nw, nl, beta=c["beta"],
+                                length_normalize=name == "ipo")
   if name == "slic_hf":
     return pref_losses.slic_hf_loss(pw, pl, pt, delta=c["delta"], reg_weight=c["reg_weight"])
   raise ValueError(f"unknown preference loss {name!r}; choose from {LOSSES}.")
@@ -211,6 +222,27 @@ def pair_report(model, params, arrays, c: dict[str, Any], batch_size: int) -> di
 
 # --------------------------------------------------------------------------------------------
 # The job
+
+
+def slic_hf_targets(pairs, c):
+  """Pairs whose ``target`` is SLiC-HF's ``y_ref``: the SFT target (as stored), or with
+  ``slic_hf_target=best_ranked`` the prompt's highest-reward sample (``best``, written by
+  ``rso_sample``). Other losses ignore the target.
+
+  Raises:
+    ValueError: ``best_ranked`` but a pair has no best sample (text pairs, older pair dirs).
+  """
+  if c["loss"] != "slic_hf" or c["slic_hf_target"] == "target":
+    return pairs
+  missing = [p["index"] for p in pairs if not p.get("best")]
+  if missing:
+    raise ValueError(
+      f"preference.slic_hf_target=best_ranked needs each prompt's best-ranked sample, but "
+      f"{len(missing)} pair(s) have none (first: prompt {missing[0]}); text pairs and pair "
+      "directories from before this option carry none: rerun rso_sample, or use "
+      "slic_hf_target=target."
+    )
+  return [dict(p, target=p["best"]) for p in pairs]
 
 
 def load_pairs(config, c, *, model, params, data, pairs=None):
@@ -332,7 +364,8 @@ def train_preference(
       "masks than each step's policy estimate, so their difference is noisier; "
       "preference.ref_logp='on_the_fly' shares the masks (at the cost of a resident reference)."
     )
-  pairs = load_pairs(config, c, model=model, params=params, data=data, pairs=pairs)
+  pairs = slic_hf_targets(load_pairs(config, c, model=model, params=params, data=data,
+                                     pairs=pairs), c)
   arrays = preference_pairs.pairs_to_arrays(pairs, data.input_len, data.target_len)
   arrays = fill_ref_logps(model, params, arrays, c["batch_size"])
   before = pair_report(model, params, arrays, c, c["batch_size"])

@@ -162,12 +162,17 @@ class LoadedReward:
   params: Any
   symmetric: bool = True
 
-  def candidate_rewards(self, inputs_BxS, cands_BxKxL) -> np.ndarray:
-    """``[B, K]`` pointwise rewards; a ranker uses each prompt's first candidate as baseline."""
+  def candidate_rewards(self, inputs_BxS, cands_BxKxL, baseline_BxL=None) -> np.ndarray:
+    """``[B, K]`` pointwise rewards; a ranker scores ``logit ρ(x, y, y_b)`` against
+    ``baseline_BxL`` (default: each prompt's first candidate)."""
     inputs, cands = jnp.asarray(inputs_BxS), jnp.asarray(cands_BxKxL)
     if self.kind == "pointwise":
       return np.asarray(_pointwise_rewards(self.net, self.params, inputs, cands))
-    return np.asarray(_ranker_rewards(self.net, self.params, inputs, cands, cands[:, 0]))
+    base = cands[:, 0] if baseline_BxL is None else jnp.asarray(baseline_BxL)
+    if base.shape[-1] != cands.shape[-1]:
+      raise ValueError(f"ranker baseline has {base.shape[-1]} tokens per row, candidates "
+                       f"{cands.shape[-1]}; pad both to data.target_len.")
+    return np.asarray(_ranker_rewards(self.net, self.params, inputs, cands, base))
 
   def label_pairs(self, inputs_BxS, cands_BxMxL, mask_BxM, rng, method="tournament"):
     """(chosen, rejected) indices from the ranker's pairwise judgements (see ``ranking``)."""

@@ -10,7 +10,7 @@ samples are ranked (samples are i.i.d. per prompt, so they are ``M`` plain SFT s
 Rewards (``rso.reward``): ``model`` — the reward model trained by
 :func:`slicjax.pipelines.reward.train_reward` (``rso.reward_workdir``): a pointwise model's
 ``r(x, y)``, or a pairwise ranker's ``logit ρ(x, y, y_b)`` with ``y_b`` the prompt's first sample
-as baseline (a ranker also labels the pairs itself, comparing the two completions); ``gold`` —
+(``rso.ranker_baseline=first_sample``) or its dataset target (``target``) as baseline (a ranker also labels the pairs itself, comparing the two completions); ``gold`` —
 the ROUGE of the sample to the dataset target (:func:`gold_rewards`), the synthetic "human".
 
 Output: resumable JSON-lines chunks written like ``pipelines/candidates.py`` (chunk ``c`` holds
@@ -22,6 +22,7 @@ chunk appears atomically). One line per prompt::
    "num_samples": N, "num_valid": int, "num_accepted": int, "num_unique": int,
    "expected_acceptance": float | null,      # RSO: mean_i exp((r_i - r_max) / β)
    "accepted_rewards": [float], "num_ties": int | null,   # null for first_round ranking
+   "best": [ids] | null,                     # the highest-reward accepted sample
    "pairs": [{"chosen": [ids], "rejected": [ids], "chosen_text": str, "rejected_text": str,
               "chosen_reward": float, "rejected_reward": float,
               "ref_chosen_logp": float, "ref_rejected_logp": float}]}
@@ -74,12 +75,14 @@ RSO_KEYS = dict(
   chunk_size=64,
   seed=0,
   symmetric=True,
+  ranker_baseline="first_sample",
   progress=True,
   **drafts.DRAFT_KEYS,
 )
 MODES = ("rso", "sft")
 SOURCES = {"rso": "rso-sample-rank", "sft": "sft-sample-rank"}
 RANKINGS = ("tournament", "first_round")
+RANKER_BASELINES = ("first_sample", "target")
 
 
 def rso_config(config) -> dict[str, Any]:
@@ -90,6 +93,11 @@ def rso_config(config) -> dict[str, Any]:
     raise ValueError(f"rso.mode={c['mode']!r}; choose 'rso' (rso-sample-rank) or 'sft'.")
   if c["ranking"] not in RANKINGS:
     raise ValueError(f"rso.ranking={c['ranking']!r}; choose from {RANKINGS}.")
+  if c["ranker_baseline"] not in RANKER_BASELINES:
+    raise ValueError(
+      f"rso.ranker_baseline={c['ranker_baseline']!r}; choose 'first_sample' (the prompt's first "
+      "SFT sample, RSO's choice) or 'target' (the dataset target) as the ranker's y_b."
+    )
   if c["reward"] not in ("model", "gold"):
     raise ValueError(f"rso.reward={c['reward']!r}; choose 'model' (reward_workdir) or 'gold'.")
   m, n = int(c["num_accept"]), int(c["num_samples"])
@@ -319,7 +327,8 @@ def make_pair_rows(c, model, params, data, examples, idx, reward, draft=None
   if c["reward"] == "gold":
     rewards = gold_rewards(data, cands, targets)
   else:
-    rewards = reward.candidate_rewards(inputs, cands)
+    baseline = targets if c["ranker_baseline"] == "target" else None
+    rewards = reward.candidate_rewards(inputs, cands, baseline)
   check_rewards(np.asarray(rewards), valid, idx, c["reward"])
   k_rs, k_rank = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(c["seed"] + 1), idx[0]))
   expected = None
@@ -376,6 +385,9 @@ def make_pair_rows(c, model, params, data, examples, idx, reward, draft=None
         num_unique=int(uniq[j].sum()),
         expected_acceptance=None if expected is None else float(expected[j]),
         accepted_rewards=[float(x) for x in acc_rewards[j][acc_mask[j]]],
+        # SLiC-HF's alternative y_ref: the highest-reward accepted sample.
+        best=_ids(acc_cands[j][int(np.argmax(np.where(uniq[j], acc_rewards[j], -np.inf)))])
+        if uniq[j].any() else None,
         # A tournament among u distinct samples plays u - 1 deciding matches; the rest tied.
         num_ties=(
           max(int(uniq[j].sum()) - 1, 0) - len(pairs) if c["ranking"] == "tournament" else None

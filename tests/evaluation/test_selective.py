@@ -83,3 +83,36 @@ def test_bad_input_is_named():
     selective.curve_area([], [])
   with pytest.raises(ValueError, match="pair the same examples"):
     selective.paired_area_difference([1, 2], [0, 1], [1], [0])
+
+
+def test_selective_report_binary_rebuilds_the_report_from_records(tmp_path):
+  import json
+  import os
+  import subprocess
+  import sys
+
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  rng = np.random.default_rng(3)
+  rows = []
+  for model, noise in (("fine-tuned", 1.0), ("calibrated", 0.2)):
+    q = rng.random(40) * 50
+    for i in range(40):
+      rows.append(dict(id=i, model=model, beam=4, alpha=0.0, rougeL=float(q[i]),
+                       logp=float(q[i] / 50 + rng.normal(0, noise)), logp_norm=float(-i)))
+  path = tmp_path / "selective.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  out = subprocess.run(
+    [sys.executable, os.path.join(root, "experiments", "selective_report.py"),
+     f"--selective_jsonl={path}", f"--out_dir={tmp_path / 'out'}"],
+    capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu"),
+    timeout=300,
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  rep = json.loads((tmp_path / "out" / "selective.json").read_text())
+  for model in ("fine-tuned", "calibrated"):
+    mine = [r for r in rows if r["model"] == model]
+    assert rep["models"][model]["logp"]["area"] == pytest.approx(
+      selective.curve_area([r["logp"] for r in mine], [r["rougeL"] for r in mine]))
+  assert rep["paired_area_differences"][0]["model"] == "calibrated"
+  assert (tmp_path / "out" / "coverage_quality.png").stat().st_size > 0
+  assert "## Selective generation" in (tmp_path / "out" / "selective.md").read_text()

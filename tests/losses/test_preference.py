@@ -75,6 +75,13 @@ def test_ipo_hand_values():
   np.testing.assert_allclose(loss, [2.7225, 6.5025], rtol=1e-5)
 
 
+def test_ipo_sequence_level_hand_values():
+  loss = preference.ipo_loss(PW, PL, RW, RL, jnp.array([4, 2]), jnp.array([5, 10]), beta=0.25,
+                             length_normalize=False)
+  # Δw - Δl - 1/(2β): ex 0: 1 - (-0.5) - 2 = -0.5 -> 0.25; ex 1: -1 - 0.5 - 2 = -3.5 -> 12.25
+  np.testing.assert_allclose(loss, [0.25, 12.25], rtol=1e-6)
+
+
 def test_slic_hf_hand_values():
   loss = preference.slic_hf_loss(
     jnp.array([-3.0, -2.0]), jnp.array([-3.5, -6.0]), jnp.array([-2.0, -4.0]), reg_weight=0.5

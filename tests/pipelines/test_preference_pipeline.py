@@ -6,6 +6,7 @@ import os
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -99,6 +100,9 @@ def test_rso_pairs_are_consistent(setup, rso_dir):
   for r in rows:
     assert r["source"] == "rso-sample-rank" and r["num_accepted"] <= 4
     assert 0.0 < r["expected_acceptance"] <= 1.0
+    if r["accepted_rewards"]:  # SLiC-HF's best-ranked y_ref: the highest-reward accepted sample
+      np.testing.assert_allclose(_gold(data.detokenize(r["best"]), r["target_text"]),
+                                 max(r["accepted_rewards"]), atol=1e-6)
     assert len(r["pairs"]) + r["num_ties"] == max(r["num_unique"] - 1, 0)  # tournament: u - 1
     for p in r["pairs"]:
       n_pairs += 1
@@ -169,11 +173,19 @@ def test_sft_sample_rank_and_ranker_labels(setup, tmp_path):
     for x, w, lose in zip(prompts, chosen, rejected)
   ]
   arr = preference_pairs.pairs_to_arrays(pairs, S, L)
+  # The ranker's pointwise reward logit ρ(x, y, y_b): the default baseline is the first sample.
+  cands = np.stack([arr["chosen"], arr["rejected"]], axis=1)
+  default = loaded.candidate_rewards(arr["inputs"], cands)
+  np.testing.assert_allclose(default, loaded.candidate_rewards(arr["inputs"], cands,
+                                                               arr["chosen"]), rtol=1e-6)
+  other = loaded.candidate_rewards(arr["inputs"], cands, arr["rejected"])
+  assert not np.allclose(default, other)
   # Every pair's chosen completion wins the ranker's (symmetrized) comparison.
   assert (loaded.win_prob(arr["inputs"], arr["chosen"], arr["rejected"]) > 0.5).all()
 
 
-@pytest.mark.parametrize("loss", ["sigmoid_norm", "hinge", "hinge_norm", "ipo", "slic_hf"])
+@pytest.mark.parametrize("loss", ["sigmoid_norm", "hinge", "hinge_norm", "ipo", "ipo_seq",
+                                  "slic_hf"])
 def test_train_preference_each_loss_learns_its_pairs(setup, rso_dir, tmp_path, loss):
   cfg, data, model, params = setup
   c = _config(preference=dict(loss=loss, pair_source="rso-sample-rank", pairs=rso_dir))
@@ -279,3 +291,22 @@ def test_dpo_runs_on_a_diffusion_policy_with_only_the_model_config_changed(rso_d
   assert summary["num_pairs"] >= 24
   assert after["dpo_loss"] < before["dpo_loss"] - 0.02, summary
   assert after["accuracy"] > before["accuracy"], summary
+
+
+def test_rso_recipe_scales_and_slic_hf_targets():
+  c = preference.preference_config(_config(preference=dict(loss="sigmoid_norm", beta=0.1,
+                                                           gamma=0.05)))
+  pw, pl, rw, rl = (jnp.array([x]) for x in (-3.0, -5.0, -4.0, -4.5))  # h = 1 - (-0.5) = 1.5
+  one = jnp.array([1.0])
+  got = preference.pair_loss(c, pw, pl, rw, rl, one, one)
+  np.testing.assert_allclose(got, -np.log(1 / (1 + np.exp(-0.05 * 1.5))), rtol=1e-6)  # γ
+  got = preference.pair_loss(dict(c, loss="dpo"), pw, pl, rw, rl, one, one)
+  np.testing.assert_allclose(got, -np.log(1 / (1 + np.exp(-0.1 * 1.5))), rtol=1e-6)  # β
+  pairs = [dict(index=0, target=[5, 1], best=[7, 1]), dict(index=1, target=[6, 1], best=[8, 1])]
+  slic = dict(c, loss="slic_hf", slic_hf_target="best_ranked")
+  assert [p["target"] for p in preference.slic_hf_targets(pairs, slic)] == [[7, 1], [8, 1]]
+  assert preference.slic_hf_targets(pairs, dict(slic, slic_hf_target="target")) is pairs
+  with pytest.raises(ValueError, match="1 pair\\(s\\) have none \\(first: prompt 1\\)"):
+    preference.slic_hf_targets([pairs[0], dict(pairs[1], best=None)], slic)
+  with pytest.raises(ValueError, match="slic_hf_target='best'"):
+    preference.preference_config(_config(preference=dict(slic_hf_target="best")))

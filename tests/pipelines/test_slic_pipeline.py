@@ -97,7 +97,7 @@ def test_calibration_lowers_loss_and_raises_rank_correlation(family, tmp_path):
   # selective generation: token-id task, so only the likelihood scores; per-example records
   # recompute the reported areas
   sel = res["selective"]
-  assert sel["scores"] == ["logp", "logp_norm"] and "no tokenizer" in sel["skipped"]["self_eval"]
+  assert sel["scores"] == ["logp", "logp_norm"] and "no tokenizer" in sel["skipped"]["calibrated"]["self_eval"]
   recs = [json.loads(x) for x in open(tmp_path / "eval" / "selective.jsonl")]
   assert len(recs) == 2 * 8
   for name in ("fine-tuned", "calibrated"):
@@ -106,6 +106,12 @@ def test_calibration_lowers_loss_and_raises_rank_correlation(family, tmp_path):
       area = selective.curve_area([r[score] for r in mine], [r["rougeL"] for r in mine])
       assert area == pytest.approx(sel["models"][name][score]["area"])
   assert [d["score"] for d in sel["paired_area_differences"]] == ["logp", "logp_norm"]
+  assert [(d["model"], d["score"]) for d in sel["score_differences"]] == [
+    ("fine-tuned", "logp_norm"), ("calibrated", "logp_norm")]
+  again = evaluate.selective_from_records(recs)  # what experiments/selective_report.py does
+  for name in ("fine-tuned", "calibrated"):
+    assert again["models"][name]["logp"]["area_ci95"] == pytest.approx(
+      sel["models"][name]["logp"]["area_ci95"])
   assert "## Selective generation" in open(tmp_path / "eval" / "eval.md").read()
 
 

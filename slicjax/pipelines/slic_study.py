@@ -111,8 +111,9 @@ STUDIES: dict[str, Study] = {
     datasets=("stdlib_docstrings",), model="transformer-tiny",
     base=dict(BASE_RECIPE, num_candidates=4, steps=4, similarity="rouge"),
     sweep={"loss": ("margin",)},
-    overrides={"train.eval_every": 10, "train.eval_batches": 1, "train.keep_best": True,
-               "candidates.num_examples": 16, "evaluate.batch_size": 8},
+    overrides={"train.steps": 60, "train.eval_every": 20, "train.eval_batches": 1,
+               "train.keep_best": True, "candidates.num_examples": 16,
+               "evaluate.batch_size": 8},
     val_examples=8, test_examples=8, calibration_candidates=4,
   ),
   # The demo's default from-scratch transformer (2 layers, d_model 128) on stdlib_docstrings.
@@ -482,8 +483,8 @@ def test_comparison(ft, cal, model, data, config, study: Study, chosen: dict[str
   if ok.any():
     d_sp = _ci(*metrics.paired_bootstrap_ci(per["calibrated"][ok], per["fine-tuned"][ok],
                                             num_resamples=NUM_RESAMPLES))
-  else:  # no input with 2+ distinct log-probs and ROUGE values under both models
-    d_sp = {"mean": float("nan"), "ci95": [float("nan"), float("nan")]}
+  else:  # no input with 2+ distinct log-probs and ROUGE values under both models: undefined
+    d_sp = {"mean": None, "ci95": [None, None]}
   best = lambda name: {k: _best(rows, name)[k] for k in ("beam", "alpha", "rougeL")}
   from slicjax.pipelines import evaluate
 
@@ -494,7 +495,7 @@ def test_comparison(ft, cal, model, data, config, study: Study, chosen: dict[str
     fine_tuned_best=best("fine-tuned"), calibrated_best=best("calibrated"),
     delta_rougeL=_ci(*d_rouge), delta_spearman=d_sp, calibrated_beam16_minus_beam4=_ci(*d_beam),
     spearman_inputs=int(ok.sum()),
-    spearman_mean={name: float(np.nanmean(v)) if (~np.isnan(v)).any() else float("nan")
+    spearman_mean={name: float(np.nanmean(v)) if (~np.isnan(v)).any() else None
                    for name, v in per.items()},
     compared_at=dict(beam=beam, alpha=alpha), beam_alpha_for_beam_diff=a0,
   )
@@ -508,10 +509,11 @@ def goals(entry: dict[str, Any]) -> dict[str, bool]:
   """The issue's three goals for one json entry (false when an interval is undefined)."""
   lo_r, lo_s = entry["delta_rougeL"]["ci95"][0], entry["delta_spearman"]["ci95"][0]
   hi_b = entry["calibrated_beam16_minus_beam4"]["ci95"][1]
+  defined = lambda x: x is not None and bool(np.isfinite(x))
   return {
-    "delta_rougeL_ci95_lo_above_0": bool(np.isfinite(lo_r) and lo_r > 0),
-    "delta_spearman_ci95_lo_above_0": bool(np.isfinite(lo_s) and lo_s > 0),
-    "beam16_minus_beam4_ci95_hi_at_least_0": bool(np.isfinite(hi_b) and hi_b >= 0),
+    "delta_rougeL_ci95_lo_above_0": defined(lo_r) and lo_r > 0,
+    "delta_spearman_ci95_lo_above_0": defined(lo_s) and lo_s > 0,
+    "beam16_minus_beam4_ci95_hi_at_least_0": defined(hi_b) and hi_b >= 0,
   }
 
 
@@ -561,7 +563,7 @@ def run_pair(study: Study, dataset: str, workdir: str, progress: Progress) -> di
   progress.total -= (len({decode_key(r) for _, r in every}) - len({decode_key(r) for r in pending})
                      + len({(decode_key(r), r["similarity"]) for _, r in every})
                      - len({(decode_key(r), r["similarity"]) for r in pending}))
-  results = []
+  results, cand_dirs = [], {}
   for name, r in cells(study):
     cell_dir = os.path.join(pair_dir, "cells", recipe_slug(r))
     res_path = os.path.join(cell_dir, "result.json")
@@ -570,7 +572,10 @@ def run_pair(study: Study, dataset: str, workdir: str, progress: Progress) -> di
       progress.skip(what)
       results.append(_read(res_path))
       continue
-    cand_dir = _candidates(config, r, pair_dir, model, ft, data, progress)
+    key = (decode_key(r), r["similarity"])
+    if key not in cand_dirs:  # cells that decode and score alike share one candidate set
+      cand_dirs[key] = _candidates(config, r, pair_dir, model, ft, data, progress)
+    cand_dir = cand_dirs[key]
     t = progress.start(what + ": calibrate + validation")
     state, cal_model = calibrate.run(recipe_config(config, r, cand_dir),
                                      os.path.join(cell_dir, "calibrate"), params=ft, data=data)
@@ -653,10 +658,19 @@ def _f(x: float, sign: bool = False) -> str:
   return "n/a" if x is None or not np.isfinite(x) else (f"{x:+.2f}" if sign else f"{x:.2f}")
 
 
+def _f3(x) -> str:
+  return "n/a" if x is None or not np.isfinite(x) else f"{x:.3f}"
+
+
+def _within(d: dict[str, Any]) -> bool:
+  lo, hi = d["ci95"]
+  return lo is not None and hi is not None and lo <= 0 <= hi
+
+
 def _ci_text(d: dict[str, Any], digits: int = 2) -> str:
   m, (lo, hi) = d["mean"], d["ci95"]
-  if not np.isfinite(m):
-    return "n/a"
+  if m is None or not np.isfinite(m):
+    return "n/a (undefined on every input)"
   return f"{m:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
 
@@ -724,12 +738,11 @@ def study_markdown(study: Study, summaries, entries, command: str, seconds: floa
               f"- ΔROUGE-L at the chosen beam {t['compared_at']['beam']}, α "
               f"{t['compared_at']['alpha']:g}: {_ci_text(e['delta_rougeL'])} — lower end > 0 "
               f"{yes(g['delta_rougeL_ci95_lo_above_0'])}"
-              + (" (within noise)" if e["delta_rougeL"]["ci95"][0] <= 0 <= e["delta_rougeL"]
-                 ["ci95"][1] else "") + ".",
+              + (" (within noise)" if _within(e["delta_rougeL"]) else "") + ".",
               f"- ΔSpearman(logP, ROUGE) per input on the fine-tuned model's "
               f"{study.calibration_candidates} beam candidates ({t['spearman_inputs']} inputs "
-              f"with a defined value under both; means {_f(sp['fine-tuned'])} → "
-              f"{_f(sp['calibrated'])}): {_ci_text(e['delta_spearman'], 3)} — lower end > 0 "
+              f"with a defined value under both; means {_f3(sp['fine-tuned'])} → "
+              f"{_f3(sp['calibrated'])}): {_ci_text(e['delta_spearman'], 3)} — lower end > 0 "
               f"{yes(g['delta_spearman_ci95_lo_above_0'])}.",
               f"- Calibrated beam 16 − beam 4 (α {t['beam_alpha_for_beam_diff']:g}): "
               f"{_ci_text(e['calibrated_beam16_minus_beam4'])} — upper end ≥ 0 (no degradation "

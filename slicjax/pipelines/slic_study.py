@@ -773,12 +773,13 @@ def default_command() -> str:
   return "python " + " ".join(shlex.quote(a) for a in sys.argv)
 
 
-def run(study_name: str, workdir: str, results_dir: str = "docs/results", *,
+def run(study_name: str | Study, workdir: str, results_dir: str = "docs/results", *,
         command: str | None = None, datasets: tuple[str, ...] | None = None) -> dict[str, Any]:
   """Runs (or resumes) a study and writes its results; returns ``{summaries, entries}``.
 
   Args:
-    study_name: a key of :data:`STUDIES`.
+    study_name: a key of :data:`STUDIES`, or a :class:`Study` (e.g. a named one shrunk with
+      ``dataclasses.replace`` to check it end to end).
     workdir: where every stage's output goes (rerun with the same to resume).
     results_dir: where ``slic_study.md`` and ``slic_effect.json`` are written (merged).
     command: the command line recorded in the results (default: this process's).
@@ -786,9 +787,12 @@ def run(study_name: str, workdir: str, results_dir: str = "docs/results", *,
   """
   from slicjax.pipelines import common
 
-  if study_name not in STUDIES:
+  if isinstance(study_name, Study):
+    study, study_name = study_name, study_name.name
+  elif study_name not in STUDIES:
     raise ValueError(f"unknown study {study_name!r}; choose from {sorted(STUDIES)}.")
-  study = STUDIES[study_name]
+  else:
+    study = STUDIES[study_name]
   check_study(study)
   chosen = tuple(datasets or study.datasets)
   unknown = sorted(set(chosen) - set(study.datasets))

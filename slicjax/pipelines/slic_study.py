@@ -123,9 +123,8 @@ STUDIES: dict[str, Study] = {
                 "stdlib_docstrings",
     preset="default", datasets=("stdlib_docstrings",), model="transformer-small-2x128",
     base=dict(BASE_RECIPE),
-    sweep={"similarity": ("rouge",), "loss": ("margin", "expected_reward"),
-           "regularizer": ("ce",), "reg_weight": (0.1,), "method": ("diverse_beam",),
-           "num_candidates": (4,)},
+    sweep={"similarity": ("rouge",), "loss": ("margin",), "regularizer": ("ce",),
+           "reg_weight": (0.1,), "method": ("diverse_beam",)},
     overrides={**_SMALL_TRAIN, "candidates.num_examples": 512, "evaluate.batch_size": 32},
     val_examples=256, test_examples=0,
   ),
@@ -368,14 +367,18 @@ def rescore(rows, kind: str, model, params, data, batch_size: int) -> list[dict[
   return out
 
 
-def _candidates(config, r, pair_dir, model, ft, data, progress) -> str:
-  """The candidate directory of a recipe's (decoding, similarity), made when missing."""
+def _candidates(config, r, pair_dir, model, ft, data, progress, visited: set) -> str:
+  """The candidate directory of a recipe's (decoding, similarity), made when missing
+  (``visited``: the decodings already counted in the progress)."""
   from slicjax.pipelines import candidates as cand_lib
 
   dec_dir = os.path.join(pair_dir, "decode", decode_key(r))
   what = f"decode candidates {decode_key(r)}"
+  first = decode_key(r) not in visited
+  visited.add(decode_key(r))
   if os.path.exists(os.path.join(dec_dir, "done.json")):
-    progress.skip(what)
+    if first:
+      progress.skip(what)
   else:
     t = progress.start(what)
     cand_lib.generate(decode_config(config, r), dec_dir, params=ft, model=model, data=data)
@@ -563,7 +566,7 @@ def run_pair(study: Study, dataset: str, workdir: str, progress: Progress) -> di
   progress.total -= (len({decode_key(r) for _, r in every}) - len({decode_key(r) for r in pending})
                      + len({(decode_key(r), r["similarity"]) for _, r in every})
                      - len({(decode_key(r), r["similarity"]) for r in pending}))
-  results, cand_dirs = [], {}
+  results, cand_dirs, visited = [], {}, set()
   for name, r in cells(study):
     cell_dir = os.path.join(pair_dir, "cells", recipe_slug(r))
     res_path = os.path.join(cell_dir, "result.json")
@@ -574,7 +577,7 @@ def run_pair(study: Study, dataset: str, workdir: str, progress: Progress) -> di
       continue
     key = (decode_key(r), r["similarity"])
     if key not in cand_dirs:  # cells that decode and score alike share one candidate set
-      cand_dirs[key] = _candidates(config, r, pair_dir, model, ft, data, progress)
+      cand_dirs[key] = _candidates(config, r, pair_dir, model, ft, data, progress, visited)
     cand_dir = cand_dirs[key]
     t = progress.start(what + ": calibrate + validation")
     state, cal_model = calibrate.run(recipe_config(config, r, cand_dir),

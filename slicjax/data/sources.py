@@ -29,7 +29,11 @@ import grain
 
 from slicjax.data import tokenizer as tokenizer_lib
 from slicjax.data.builders import (
-  base, catalog, debian_descriptions, jsonl_seq2seq, stdlib_docstrings,
+  base,
+  catalog,
+  debian_descriptions,
+  jsonl_seq2seq,
+  stdlib_docstrings,
 )
 
 LOCAL_SOURCES = ("stdlib_docstrings", "debian_descriptions", "jsonl")

@@ -30,7 +30,6 @@ model); entries of other pairs kept).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import glob
 import hashlib

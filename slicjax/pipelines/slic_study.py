@@ -531,6 +531,13 @@ def run_pair(study: Study, dataset: str, workdir: str, progress: Progress) -> di
                     seed=int(base_config.train.seed))
   config = with_lengths(base_config, data)
   _config_guard(pair_dir, config)
+  # Decodings and scorings only finished cells needed are not visited: not counted either.
+  pending = [r for _, r in cells(study)
+             if not os.path.exists(os.path.join(pair_dir, "cells", recipe_slug(r), "result.json"))]
+  every = cells(study)
+  progress.total -= (len({decode_key(r) for _, r in every}) - len({decode_key(r) for r in pending})
+                     + len({(decode_key(r), r["similarity"]) for _, r in every})
+                     - len({(decode_key(r), r["similarity"]) for r in pending}))
   lengths = dict(data.lengths or {}, input_len=data.input_len, target_len=data.target_len)
   how = ", ".join(lengths.get("chosen_from_data") or []) or "none"
   print(f"{dataset}: {len(data.train_examples)} train / {len(data.eval_examples)} validation / "
@@ -559,12 +566,6 @@ def run_pair(study: Study, dataset: str, workdir: str, progress: Progress) -> di
     _write(ft_path, dict(rows=rows, seconds=round(time.time() - t, 1)))
     progress.end(what, t, "validation", f" (best ROUGE-L {_best(rows)['rougeL']:.2f})")
   ft_val = _read(ft_path)["rows"]
-  pending = [r for _, r in cells(study)
-             if not os.path.exists(os.path.join(pair_dir, "cells", recipe_slug(r), "result.json"))]
-  every = cells(study)
-  progress.total -= (len({decode_key(r) for _, r in every}) - len({decode_key(r) for r in pending})
-                     + len({(decode_key(r), r["similarity"]) for _, r in every})
-                     - len({(decode_key(r), r["similarity"]) for r in pending}))
   results, cand_dirs, visited = [], {}, set()
   for name, r in cells(study):
     cell_dir = os.path.join(pair_dir, "cells", recipe_slug(r))

@@ -113,6 +113,7 @@ def test_smoke_study_end_to_end_resumes_and_merges(tmp_path):
   assert open(os.path.join(results, "slic_study.md")).read().count("## Study `smoke`") == 1
 
 
+@pytest.mark.slow
 def test_rescoring_a_shared_decode_equals_generating_with_that_similarity(tmp_path):
   """Cells share one decoded set across similarities: re-scoring it must give the numbers a
   generation with that similarity would have written."""

@@ -68,9 +68,10 @@ MODEL_DOCS = {
 
 DATA_DOCS = {
   "distill_from": "Train on a candidate dir's outputs (inputs, first candidate), e.g. a draft.",
-  "name": "Task: reverse (synthetic), stdlib_docstrings (embedded), jsonl or tfds:<name>.",
-  "input_len": "Input tokens per example (longer inputs are truncated).",
-  "target_len": "Target tokens per example (longer targets are truncated).",
+  "name": "Task: reverse, stdlib_docstrings, debian_descriptions (dpkg), jsonl or tfds:<name>.",
+  "dpkg_status": "debian_descriptions: the dpkg status file; empty = /var/lib/dpkg/status.",
+  "input_len": "Input tokens per example (longer inputs are truncated); 0 = 98th pct of train.",
+  "target_len": "Target tokens per example incl. EOS (longer are cut); 0 = 98th pct of train.",
   "vocab_size": "Vocabulary of the SentencePiece tokenizer trained on the task's text.",
   "num_train": "reverse: number of training examples.",
   "num_eval": "reverse: number of evaluation examples.",

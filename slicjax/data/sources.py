@@ -1,17 +1,20 @@
 """One entry point from a dataset name to records ``{"input": str, "target": str}``.
 
-=====================  ==============================================================
-name                   source
-=====================  ==============================================================
-``stdlib_docstrings``  the embedded default (``builders/stdlib_docstrings.py``): Python
-                       stdlib function source -> first docstring sentence
-``jsonl``              local files; ``paths={"train": ..., "validation": ...}`` and the
-                       options of ``builders/jsonl_seq2seq.py`` (``input_key``, ...)
-``xsum``,              TFDS catalog sets already prepared as array_record
-``cnn_dailymail``,     (``builders/catalog.py``); ``tfds:<name>`` works too
+=========================  ==============================================================
+name                       source
+=========================  ==============================================================
+``stdlib_docstrings``      the embedded default (``builders/stdlib_docstrings.py``): Python
+                           stdlib function source -> first docstring sentence
+``debian_descriptions``    the installed packages' dpkg database
+                           (``builders/debian_descriptions.py``): long description ->
+                           one-line synopsis
+``jsonl``                  local files; ``paths={"train": ..., "validation": ...}`` and the
+                           options of ``builders/jsonl_seq2seq.py`` (``input_key``, ...)
+``xsum``,                  TFDS catalog sets already prepared as array_record
+``cnn_dailymail``,         (``builders/catalog.py``); ``tfds:<name>`` works too
 ``samsum``,
 ``reddit_tifu``
-=====================  ==============================================================
+=========================  ==============================================================
 
 Every source is a random-access ``grain.MapDataset``, so it feeds
 :func:`slicjax.data.pipeline.make_seq2seq_iterator` and
@@ -25,9 +28,15 @@ from typing import Any
 import grain
 
 from slicjax.data import tokenizer as tokenizer_lib
-from slicjax.data.builders import base, catalog, jsonl_seq2seq, stdlib_docstrings
+from slicjax.data.builders import (
+  base,
+  catalog,
+  debian_descriptions,
+  jsonl_seq2seq,
+  stdlib_docstrings,
+)
 
-LOCAL_SOURCES = ("stdlib_docstrings", "jsonl")
+LOCAL_SOURCES = ("stdlib_docstrings", "debian_descriptions", "jsonl")
 
 
 def _text_pair(record: dict[str, Any]) -> dict[str, str]:
@@ -50,11 +59,14 @@ def load_text_source(
     data_dir: where prepared datasets live (default ``$SLICJAX_DATA_DIR`` or
       ``~/.cache/slicjax/tfds``).
     paths: for ``jsonl``: split -> file (a single path means the train split).
-    **options: builder options: stdlib ``ExtractOptions`` fields and ``stdlib_dir``; jsonl
+    **options: builder options: stdlib ``ExtractOptions`` fields and ``stdlib_dir``; debian
+      ``status_path`` and its ``ExtractOptions`` fields; jsonl
       reading options; catalog ``manual_dir`` / ``download``.
   """
   if name == "stdlib_docstrings":
     source = stdlib_docstrings.load_split(split, data_dir=data_dir, **options)
+  elif name == "debian_descriptions":
+    source = debian_descriptions.load_split(split, data_dir=data_dir, **options)
   elif name == "jsonl":
     if not paths:
       raise ValueError(

@@ -85,6 +85,12 @@ def pretrained(config):
   from slicjax.pipelines import tasks
 
   d = tasks.data_config(config)
+  if not p["max_len"] and not (d["input_len"] and d["target_len"]):
+    raise ValueError(
+      "data.input_len / data.target_len = 0 (choose from the data) with pretrained.init_from "
+      "needs pretrained.max_len (the decode cache length, >= input_len + target_len + 1) set, "
+      "since the lengths are known only after the model's tokenizer loads; or set both lengths."
+    )
   max_len = int(p["max_len"]) or pretrained_lib.auto_max_len(d["input_len"], d["target_len"])
   key = (
     os.path.abspath(p["init_from"]), max_len, p["dtype"], p["prompt_format"], p["instruction"],

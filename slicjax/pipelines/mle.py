@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 import jax
@@ -63,6 +65,9 @@ def run(config, workdir: str, *, on_log=None):
   common.log_devices()
   mesh = common.make_mesh(config)
   data = tasks.load(config, batch_size=t["batch_size"], seed=t["seed"], mesh=mesh)
+  if data.lengths and data.lengths["chosen_from_data"] and jax.process_index() == 0:
+    with open(os.path.join(workdir, "data_lengths.json"), "w") as f:  # what 0 resolved to
+      json.dump(data.lengths, f, indent=2)
   model = common.model_from(config)
   if model.vocab_size < data.vocab_size:
     raise ValueError(

@@ -4,9 +4,15 @@
 
 * ``reverse`` — the built-in synthetic task (``slicjax/data/synthetic.py``), token ids only;
 * ``stdlib_docstrings`` — the embedded default: code -> docstring summary;
+* ``debian_descriptions`` — the machine's dpkg database (``data.dpkg_status``): package long
+  description -> one-line synopsis;
 * ``jsonl`` — local ``{"input", "target"}`` files (``train_path``, ``eval_path``,
   ``test_path``);
 * ``tfds:<name>`` — a TFDS catalog summarization set (needs its data on this machine).
+
+``data.input_len`` / ``data.target_len`` = 0 (text tasks) choose the length from the data: the
+98th percentile of the tokenized train split (targets counting EOS); the choice is logged and
+kept in :attr:`TaskData.lengths`.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from slicjax.pipelines import common
 DATA_KEYS = dict(
   name="reverse", input_len=64, target_len=32, vocab_size=2000, num_train=4096, num_eval=256,
   data_dir="", cache_dir="", train_path="", eval_path="", test_path="", input_key="input",
-  target_key="target",
+  target_key="target", dpkg_status="",
   tokenizer_path="", packing=False, max_input_chars=4000, synthetic_vocab=32, distill_from="",
 )
 
@@ -45,6 +51,9 @@ class TaskData:
   test_examples: list[dict[str, Any]] | None = None
   # Per split: {seen, truncated, truncated_inputs, truncated_targets} at tokenization.
   truncation: dict[str, dict[str, int]] | None = None
+  # How input_len / target_len were set: {"input_len": int, "target_len": int,
+  # "chosen_from_data": [keys that were 0], "percentile": 98, "train_examples": int}.
+  lengths: dict[str, Any] | None = None
 
   def reference(self, example) -> str:
     """The reference text to score against: the whole target (kept at tokenization for text
@@ -167,6 +176,11 @@ def _load(config, *, batch_size: int, seed: int = 0, mesh=None) -> TaskData:
       "(pretrained.init_from) needs a text task: stdlib_docstrings, jsonl or tfds:<name>."
     )
   if name == "reverse":
+    if not d["input_len"] or not d["target_len"]:
+      raise ValueError(
+        "data.input_len=0 / data.target_len=0 (choose from the data) needs a text task; the "
+        "synthetic reverse task is generated from the lengths: set both to positive values."
+      )
     n = d["num_train"] + d["num_eval"]
     ex = synthetic.reverse_task(
       n, vocab_size=d["synthetic_vocab"], max_len=min(d["input_len"], d["target_len"] - 1),

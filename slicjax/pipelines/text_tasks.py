@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import numpy as np
 from absl import logging
 
 from slicjax.data import pipeline, sources
@@ -19,6 +20,9 @@ def _source_options(d: dict[str, Any]) -> dict[str, Any]:
     opts["data_dir"] = d["data_dir"]
   if name == "stdlib_docstrings":
     opts["max_input_chars"] = d["max_input_chars"]
+  elif name == "debian_descriptions":
+    if d["dpkg_status"]:
+      opts["status_path"] = d["dpkg_status"]
   elif name == "jsonl":
     if not d["train_path"]:
       raise ValueError("data.name=jsonl needs data.train_path (and data.eval_path) jsonl files.")
@@ -30,6 +34,45 @@ def _source_options(d: dict[str, Any]) -> dict[str, Any]:
     opts["paths"] = paths
     opts["input_key"], opts["target_key"] = d["input_key"], d["target_key"]
   return opts
+
+
+LENGTH_PERCENTILE = 98
+
+
+def token_lengths(records, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+  """Untruncated token counts ``(inputs, targets)`` of text records; targets count EOS and
+  inputs are encoded as the pipeline encodes them (a pretrained model's prompt format too)."""
+  from slicjax.data.builders.base import as_text
+
+  enc_in = getattr(tokenizer, "encode_prompt", tokenizer.encode)
+  ins, tgts = [], []
+  for r in records:
+    ins.append(len(enc_in(as_text(r["input"]))))
+    tgts.append(len(tokenizer.encode(as_text(r["target"]))) + 1)
+  return np.asarray(ins, np.int64), np.asarray(tgts, np.int64)
+
+
+def choose_lengths(d: dict[str, Any], train_records, tokenizer,
+                   percentile: float = LENGTH_PERCENTILE) -> dict[str, Any]:
+  """``data.input_len`` / ``data.target_len``, each 0 replaced by the ``percentile``-th
+  percentile (rounded up) of the train split's token lengths; logged. Returns the record kept
+  in :attr:`TaskData.lengths`."""
+  chosen = [k for k in ("input_len", "target_len") if not d[k]]
+  out = {"input_len": int(d["input_len"]), "target_len": int(d["target_len"]),
+         "chosen_from_data": chosen, "percentile": percentile,
+         "train_examples": len(train_records)}
+  if not chosen:
+    return out
+  ins, tgts = token_lengths(train_records, tokenizer)
+  for key, lens, floor in (("input_len", ins, 1), ("target_len", tgts, 2)):
+    if key in chosen:
+      out[key] = max(floor, int(np.ceil(np.percentile(lens, percentile))))
+      logging.info(
+        "data.%s=0: chose %d, the %gth percentile of %d tokenized train %s (max %d).", key,
+        out[key], percentile, len(lens), "inputs" if key == "input_len" else "targets (+EOS)",
+        int(lens.max()),
+      )
+  return out
 
 
 def load_text_task(d: dict[str, Any], *, batch_size: int, seed: int, tokenizer=None) -> TaskData:
@@ -48,7 +91,8 @@ def load_text_task(d: dict[str, Any], *, batch_size: int, seed: int, tokenizer=N
     n = len(train_records)
     eval_records = train_records[int(n * 0.9) :]
     train_records = train_records[: int(n * 0.9)]
-  s, length = d["input_len"], d["target_len"]
+  lengths = choose_lengths(d, train_records, tok)
+  s, length = lengths["input_len"], lengths["target_len"]
   stats = {k: pipeline.TruncationStats(len(r), what=f"{k} examples")
            for k, r in (("train", train_records), ("validation", eval_records))}
   train_tok = pipeline.tokenize_records(train_records, tok, input_len=s, target_len=length,
@@ -58,7 +102,9 @@ def load_text_task(d: dict[str, Any], *, batch_size: int, seed: int, tokenizer=N
   if not train_tok:
     raise ValueError(f"dataset {name!r} has an empty train split; check the data source.")
   test_tok = None
-  if name == "stdlib_docstrings" or (name == "jsonl" and d["test_path"]):
+  if name in ("stdlib_docstrings", "debian_descriptions") or (
+    name == "jsonl" and d["test_path"]
+  ):
     test_records = sources.load_text_source(name, "test", **opts)
     stats["test"] = pipeline.TruncationStats(len(test_records), what="test examples")
     test_tok = pipeline.tokenize_records(test_records, tok, input_len=s, target_len=length,
@@ -75,5 +121,5 @@ def load_text_task(d: dict[str, Any], *, batch_size: int, seed: int, tokenizer=N
     name=name, vocab_size=tok.vocab_size, input_len=s, target_len=length,
     train_examples=train_tok, eval_examples=eval_tok, batch_size=batch_size, seed=seed,
     tokenizer=tok, make_train_iter=make_train_iter, test_examples=test_tok,
-    truncation={k: v.as_dict() for k, v in stats.items()},
+    truncation={k: v.as_dict() for k, v in stats.items()}, lengths=lengths,
   )

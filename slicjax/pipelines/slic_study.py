@@ -404,10 +404,10 @@ def _candidates(config, r, pair_dir, model, ft, data, progress, visited: set) ->
   return out
 
 
-def _grid_rows(models, model, data, c) -> list[dict[str, Any]]:
+def _grid_rows(models, model, data, c, beams: dict | None = None) -> list[dict[str, Any]]:
   from slicjax.pipelines import evaluate
 
-  rows = evaluate.quality_grid(models, model, data, c)
+  rows = evaluate.quality_grid(models, model, data, c, beams=beams)
   for row in rows:
     row["per_example"] = [float(x) for x in row.pop("_per_example")]
   return rows
@@ -468,7 +468,8 @@ def test_comparison(ft, cal, model, data, config, study: Study, chosen: dict[str
   beam, alpha = int(chosen["beam"]), float(chosen["alpha"])
   c = eval_settings(config, "test", sorted(set(study.val_beams) | {beam}),
                     sorted(set(study.alphas) | {alpha}), study.test_examples)
-  rows = _grid_rows({"fine-tuned": ft, "calibrated": cal}, model, data, c)
+  beams: dict[str, np.ndarray] = {}
+  rows = _grid_rows({"fine-tuned": ft, "calibrated": cal}, model, data, c, beams)
   at_c, at_f = _row(rows, "calibrated", beam, alpha), _row(rows, "fine-tuned", beam, alpha)
   d_rouge = metrics.paired_bootstrap_ci(at_c["per_example"], at_f["per_example"],
                                         num_resamples=NUM_RESAMPLES)
@@ -491,7 +492,11 @@ def test_comparison(ft, cal, model, data, config, study: Study, chosen: dict[str
   from slicjax.pipelines import evaluate
 
   with_pe = [dict(r, _per_example=np.asarray(r["per_example"])) for r in rows]
+  # Selective generation of both models' test outputs (coverage-quality areas, AUROC).
+  sel = (evaluate.selective_report({"fine-tuned": ft, "calibrated": cal}, model, data, c, beams)
+         if c["selective"] else None)
   return dict(
+    selective=sel,
     num_test_examples=len(examples), rows=[_public(r) for r in rows],
     paired_differences=evaluate.paired_differences(with_pe),
     fine_tuned_best=best("fine-tuned"), calibrated_best=best("calibrated"),
@@ -679,6 +684,8 @@ def _ci_text(d: dict[str, Any], digits: int = 2) -> str:
 
 def study_markdown(study: Study, summaries, entries, command: str, seconds: float) -> str:
   """The study's section of ``slic_study.md``."""
+  from slicjax.pipelines import evaluate
+
   lines = [f"<!-- study:{study.name} -->", f"## Study `{study.name}`: {study.description}", "",
            f"Command: `{command}`  ",
            f"Compute time of all stages: {sum(x['stage_seconds'] for x in summaries) / 60:.1f} "
@@ -734,6 +741,10 @@ def study_markdown(study: Study, summaries, entries, command: str, seconds: floa
     for d in t["paired_differences"]:
       lines.append(f"| {d['alpha']:g} | {d['beam']} | {d['rougeL_diff']:+.2f} [{d['lo']:+.2f}, "
                    f"{d['hi']:+.2f}] | {'within noise' if d['within_noise'] else ''} |")
+    if t.get("selective"):  # test results written before the selective report lack it
+      lines.append(evaluate.selective_markdown(t["selective"])
+                   .replace("## Selective generation", "#### Selective generation (test)")
+                   .replace("\n![coverage vs quality](coverage_quality.png)", ""))
     g = e["goals"]
     yes = lambda ok: "**holds**" if ok else "does not hold"
     sp = t["spearman_mean"]

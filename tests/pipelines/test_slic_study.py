@@ -98,6 +98,9 @@ def test_smoke_study_end_to_end_resumes_and_merges(tmp_path):
   md = open(os.path.join(results, "slic_study.md")).read()
   assert "## Study `smoke`" in md and "Chosen recipe" in md and "| loss=margin |" in md
   assert "ΔROUGE-L" in md and "Goals (test split)" in md
+  sel = summary["test"]["selective"]  # the selective-generation report of both test models
+  assert set(sel["models"]) == {"fine-tuned", "calibrated"} and sel["num_examples"] == 8
+  assert "logp" in sel["models"]["calibrated"] and "#### Selective generation (test" in md
   kinds = [x["stage"] for x in _executed(work)]
   assert kinds.count("cell") == 2 and kinds.count("decode") == 1 and kinds.count("mle") == 1
   assert kinds.count("score") == 1  # both cells share one candidate set

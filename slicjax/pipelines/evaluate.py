@@ -150,9 +150,11 @@ def quality_grid(models: dict[str, Any], model, data, c: dict[str, Any], bar=Non
   return rows
 
 
-def calibration_report(models: dict[str, Any], model, data, c, decoder_params):
+def calibration_report(models: dict[str, Any], model, data, c, decoder_params, *,
+                       per_input: bool = False):
   """Per-input Spearman correlation between each model's candidate log-likelihoods and the
-  candidates' ROUGE to the reference, on the same beam candidates (from ``decoder_params``)."""
+  candidates' ROUGE to the reference, on the same beam candidates (from ``decoder_params``):
+  the mean per model, or with ``per_input`` the ``[N]`` values (nan where undefined)."""
   examples = _examples(data, c)
   k = c["calibration_candidates"]
   max_len = c["max_len"] or data.target_len
@@ -178,6 +180,10 @@ def calibration_report(models: dict[str, Any], model, data, c, decoder_params):
       out[name].append(np.asarray(lp)[:n])
   sim = np.concatenate(sims)
   mask = np.ones_like(sim)
+  if per_input:
+    return {name: metrics.rank_correlation(np.concatenate(lps), sim, mask,
+                                           return_per_input=True)[1]
+            for name, lps in out.items()}
   return {
     name: float(metrics.rank_correlation(np.concatenate(lps), sim, mask))
     for name, lps in out.items()
@@ -217,8 +223,7 @@ def selective_report(models: dict[str, Any], model, data, c, beams: dict | None 
     names = tuple(s for s in names if s not in confidence.TEXT_SCORES)
   refs = [data.reference(e) for e in examples]
   sources = [_source_text(data, e) for e in examples] if data.tokenizer is not None else None
-  inputs = np.stack([iterators.pad_batch([e], data.input_len, data.target_len)["inputs"][0]
-                     for e in examples])
+  inputs = iterators.pad_batch(examples, data.input_len, data.target_len)["inputs"]
   max_len = c["max_len"] or data.target_len
   alpha = c["alphas"][0]
   scorer = confidence.ConfidenceScorer(model, data.tokenizer,

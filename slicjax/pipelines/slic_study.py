@@ -41,12 +41,10 @@ import sys
 import time
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from slicjax import scoring, similarity
 from slicjax.evaluation import metrics
 
 RECIPE_KEYS = ("similarity", "method", "num_candidates", "loss", "beta", "regularizer",
@@ -430,41 +428,10 @@ def _ci(mean, lo, hi) -> dict[str, Any]:
   return {"mean": float(mean), "ci95": [float(lo), float(hi)]}
 
 
-def spearman_per_input(models: dict[str, Any], model, data, examples, *, k: int,
-                       batch_size: int, decoder_params, max_len: int) -> dict[str, np.ndarray]:
-  """Per input, Spearman(logP, ROUGE) of each model over the same ``k`` beam candidates
-  (decoded by ``decoder_params``); nan where undefined. ROUGE: mean of ROUGE-1/2/L F to the
-  whole reference (as :func:`slicjax.pipelines.evaluate.calibration_report`, which reports only
-  the mean)."""
-  from slicjax.data import iterators
-  from slicjax.decoding import api as decoding_api
-
-  score = jax.jit(lambda p, x, y: scoring.score_candidates(model, p, x, y)["logp"])
-  lps = {name: [] for name in models}
-  sims = []
-  for i in range(0, len(examples), batch_size):
-    chunk = examples[i : i + batch_size]
-    n = len(chunk)
-    refs = [data.reference(e) for e in chunk]
-    padded = chunk + [chunk[-1]] * (batch_size - n)  # one compiled shape for every batch
-    inputs = jnp.asarray(iterators.pad_batch(padded, data.input_len, data.target_len)["inputs"])
-    res = decoding_api.decode(model, decoder_params, inputs, method="beam", max_len=max_len,
-                              beam_size=k, alpha=0.0)
-    cands = np.asarray(res.tokens_BxKxL)[:, :, : data.target_len]
-    cands = np.pad(cands, ((0, 0), (0, 0), (0, data.target_len - cands.shape[-1])))
-    texts = [data.detokenize(y) for row in cands[:n] for y in row]
-    r = similarity.rouge_scores(texts, [ref for ref in refs for _ in range(k)])
-    sims.append(np.mean([np.asarray(r[t]) for t in ("rouge1", "rouge2", "rougeL")], 0)
-                .reshape(n, k))
-    for name, params in models.items():
-      lps[name].append(np.asarray(score(params, inputs, jnp.asarray(cands)))[:n])
-  sim = np.concatenate(sims)
-  return {name: metrics.rank_correlation(np.concatenate(v), sim, return_per_input=True)[1]
-          for name, v in lps.items()}
-
-
 def test_comparison(ft, cal, model, data, config, study: Study, chosen: dict[str, Any]):
   """Fine-tuned vs the chosen calibrated model on the test split: the json entry's numbers."""
+  from slicjax.pipelines import evaluate
+
   beam, alpha = int(chosen["beam"]), float(chosen["alpha"])
   c = eval_settings(config, "test", sorted(set(study.val_beams) | {beam}),
                     sorted(set(study.alphas) | {alpha}), study.test_examples)
@@ -479,9 +446,10 @@ def test_comparison(ft, cal, model, data, config, study: Study, chosen: dict[str
                                        num_resamples=NUM_RESAMPLES)
   examples = data.split_examples("test")
   examples = examples[: study.test_examples] if study.test_examples else examples
-  per = spearman_per_input({"fine-tuned": ft, "calibrated": cal}, model, data, examples,
-                           k=study.calibration_candidates, batch_size=c["batch_size"],
-                           decoder_params=ft, max_len=c["max_len"] or data.target_len)
+  per = evaluate.calibration_report(
+    {"fine-tuned": ft, "calibrated": cal}, model, data,
+    dict(c, calibration_candidates=study.calibration_candidates), ft, per_input=True,
+  )
   ok = ~np.isnan(per["fine-tuned"]) & ~np.isnan(per["calibrated"])
   if ok.any():
     d_sp = _ci(*metrics.paired_bootstrap_ci(per["calibrated"][ok], per["fine-tuned"][ok],
@@ -489,8 +457,6 @@ def test_comparison(ft, cal, model, data, config, study: Study, chosen: dict[str
   else:  # no input with 2+ distinct log-probs and ROUGE values under both models: undefined
     d_sp = {"mean": None, "ci95": [None, None]}
   best = lambda name: {k: _best(rows, name)[k] for k in ("beam", "alpha", "rougeL")}
-  from slicjax.pipelines import evaluate
-
   with_pe = [dict(r, _per_example=np.asarray(r["per_example"])) for r in rows]
   # Selective generation of both models' test outputs (coverage-quality areas, AUROC).
   sel = (evaluate.selective_report({"fine-tuned": ft, "calibrated": cal}, model, data, c, beams)

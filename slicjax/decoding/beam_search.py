@@ -223,7 +223,8 @@ def _search(
     new_alive_toks = cat(alive_toks)
     tok_BxK = jax.lax.dynamic_slice_in_dim(new_alive_toks, t, 1, axis=2)[:, :, 0]
     flat_BK = (jnp.arange(b)[:, None] * k + cat(beam_idx)).reshape(-1)
-    new_cache = jax.tree.map(lambda x: jnp.take(x, flat_BK, axis=0), new_cache)
+    # "clip": the indices are in range; the default "fill" adds a select over the whole cache
+    new_cache = jax.tree.map(lambda x: jnp.take(x, flat_BK, axis=0, mode="clip"), new_cache)
     # Done: full finished set that no alive beam can still beat.
     worst_BxG = jnp.min(fin_scores.reshape(b, g_count, kg), axis=-1)
     bound_BxG = jnp.max(new_alive_logp.reshape(b, g_count, kg), axis=-1) / lp_max

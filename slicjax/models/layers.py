@@ -184,9 +184,12 @@ class RelativePositionBias(nn.Module):
 class Attention(nn.Module):
   """Multi-head / grouped-query attention with optional RoPE and an optional KV cache.
 
-  The cache (collection ``cache``) holds ``cached_key``/``cached_value`` ``[B, max_len, G, K]`` and
+  The cache (collection ``cache``) holds ``cached_key``/``cached_value`` ``[B, G, max_len, K]`` and
   ``cache_index`` ``[B]`` (slots written per row); every leaf is batch-leading so decoding
-  algorithms can repeat and reorder it along axis 0. A caller that tracks the write position
+  algorithms can repeat and reorder it along axis 0. Heads precede slots so that each step's two
+  attention matmuls read the cache as stored: with slots before heads XLA:CPU transposed every
+  layer's whole key and value cache at every step (1.94 ms vs 0.33 ms per layer-step for 32 rows
+  x 97 slots x 4 heads x 64, measured on this project's 2-core CPU). A caller that tracks the write position
   itself (the scanned layer stack: one position for all layers) passes ``cache_index_B`` and the
   module keeps no ``cache_index`` of its own.
 
@@ -238,8 +241,8 @@ class Attention(nn.Module):
     if decode:
       b, lq = x_q.shape[0], x_q.shape[1]
       is_init = not self.has_variable("cache", "cached_key")
-      ck = self.variable("cache", "cached_key", jnp.zeros, (b, self.max_len, g, k), key.dtype)
-      cv = self.variable("cache", "cached_value", jnp.zeros, (b, self.max_len, g, k), value.dtype)
+      ck = self.variable("cache", "cached_key", jnp.zeros, (b, g, self.max_len, k), key.dtype)
+      cv = self.variable("cache", "cached_value", jnp.zeros, (b, g, self.max_len, k), value.dtype)
       if cache_index_B is None:
         ci = self.variable("cache", "cache_index", jnp.zeros, (b,), jnp.int32)
         idx = ci.value
@@ -247,8 +250,9 @@ class Attention(nn.Module):
         ci, idx = None, cache_index_B
       if not is_init:
 
-        def write(buf, new, i):
-          return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (i, 0, 0))
+        def write(buf_GxSxK, new_LxGxK, i):
+          new = jnp.swapaxes(new_LxGxK, 0, 1).astype(buf_GxSxK.dtype)
+          return jax.lax.dynamic_update_slice(buf_GxSxK, new, (0, i, 0))
 
         ck.value = jax.vmap(write)(ck.value, key, idx)
         cv.value = jax.vmap(write)(cv.value, value, idx)
@@ -256,6 +260,8 @@ class Attention(nn.Module):
         if ci is not None:
           ci.value = filled_B
       key, value = ck.value, cv.value
+    else:
+      key, value = jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2)  # [B, G, S, K]
 
     b, lq = q.shape[0], q.shape[1]
     qg = q.reshape(b, lq, g, h // g, k)
@@ -284,16 +290,16 @@ class Attention(nn.Module):
     )(out)
 
   def _attend(self, qg, key, value, mask_BxQxK, bias_BxHxQxK, deterministic=True, size=None):
-    """Grouped-query attention core: queries ``[B, Q, G, H/G, K]`` over keys/values ``[B, S, G,
+    """Grouped-query attention core: queries ``[B, Q, G, H/G, K]`` over keys/values ``[B, G, S,
     K]`` (only their first ``size`` slots when given); returns ``[B, Q, H, K]``."""
     if size is not None:
-      key, value, mask_BxQxK = key[:, :size], value[:, :size], mask_BxQxK[..., :size]
+      key, value, mask_BxQxK = key[:, :, :size], value[:, :, :size], mask_BxQxK[..., :size]
       if bias_BxHxQxK is not None:
         bias_BxHxQxK = bias_BxHxQxK[..., :size]
     b, lq, g, r, k = qg.shape
-    s = key.shape[1]
+    s = key.shape[2]
     logits = jnp.einsum(
-      "bqgrk,bsgk->bgrqs", qg, key, preferred_element_type=accum_dtype(qg.dtype)
+      "bqgrk,bgsk->bgrqs", qg, key, preferred_element_type=accum_dtype(qg.dtype)
     ).astype(jnp.float32)
     logits = logits.reshape(b, g * r, lq, s)
     if bias_BxHxQxK is not None:
@@ -303,7 +309,7 @@ class Attention(nn.Module):
     if self.dropout_rate > 0 and not deterministic:
       probs = nn.Dropout(self.dropout_rate)(probs, deterministic=False)
     probs = probs.reshape(b, g, r, lq, s)
-    return jnp.einsum("bgrqs,bsgk->bqgrk", probs, value).reshape(b, lq, g * r, k)
+    return jnp.einsum("bgrqs,bgsk->bqgrk", probs, value).reshape(b, lq, g * r, k)
 
 
 def cache_buckets(max_len: int, smallest: int) -> tuple[int, ...]:

@@ -17,7 +17,7 @@ sequence at its own position; every cache leaf is batch-leading.
 under ``<stack>/layers/...`` with a leading ``[num_layers]`` axis (logical name ``layers``)
 instead of ``<stack>/layer_0``, ``layer_1``, ... The compiled program holds the block once, so
 compile time stops growing with depth. Decoding works unchanged: the KV cache is stacked on
-axis 1 (``cached_key [B, num_layers, max_len, G, K]``, still batch-leading) and all layers write
+axis 1 (``cached_key [B, num_layers, G, max_len, K]``, still batch-leading) and all layers write
 at the stack's ``position`` (no per-layer ``cache_index``). :func:`stack_layer_params` /
 :func:`unstack_layer_params` convert parameter trees between the two layouts; code that walks
 parameters by per-layer path (LoRA targets, optimizer ``freeze`` patterns naming ``layer_N``,

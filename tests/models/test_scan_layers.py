@@ -60,13 +60,15 @@ def test_scanned_equals_unrolled_scoring_and_decoding(name):
   np.testing.assert_array_equal(ga.tokens_BxKxL, gb.tokens_BxKxL)
   np.testing.assert_allclose(ga.logp_BxK, gb.logp_BxK, atol=1e-4, rtol=1e-5)
   # the cache stays batch-leading (beam search and shared-prefix scoring repeat and reorder it
-  # on axis 0); one position for all layers, no per-layer cache_index
+  # on axis 0); one position for all layers, no per-layer cache_index; heads before slots, and
+  # the slots are the request's (prompt 6 + separator + 8 new), not the model's max_len
+  assert PROMPTS.shape[1] + 1 + 8 == 15 < scanned.max_len
   _, _, cache = scanned.decode_state(stacked, PROMPTS, max_len=8)
   shapes = {jax.tree_util.keystr(p): x.shape
             for p, x in jax.tree_util.tree_flatten_with_path(cache)[0]}
   assert shapes == {
-    "['decoder']['layers']['self_attention']['cached_key']": (3, 2, 24, 2, 16),
-    "['decoder']['layers']['self_attention']['cached_value']": (3, 2, 24, 2, 16),
+    "['decoder']['layers']['self_attention']['cached_key']": (3, 2, 2, 15, 16),
+    "['decoder']['layers']['self_attention']['cached_value']": (3, 2, 2, 15, 16),
     "['decoder']['position']": (3,),
   }
 

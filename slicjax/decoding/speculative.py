@@ -89,24 +89,6 @@ def check_pair(target, draft) -> None:
     )
 
 
-def _with_capacity(model, need: int):
-  """The adapter with a decode cache of ``need`` slots (a transformer module re-instantiated
-  with ``max_len=need``; an SSM cache has no length, only the adapter's bound changes)."""
-  module = model.module
-  field = "cfg" if hasattr(module, "cfg") else "config"
-  cfg = getattr(module, field, None)
-  if dataclasses.is_dataclass(cfg) and hasattr(cfg, "max_len") and cfg.max_len != need:
-    if getattr(cfg, "position", None) == "learned":
-      if need > cfg.max_len:
-        raise ValueError(
-          f"speculative decoding needs {need} cache slots (prompt + max_len + num_draft) but the "
-          f"model has learned positions for only {cfg.max_len}; lower max_len or num_draft."
-        )
-      return dataclasses.replace(model, max_len=max(model.max_len, need))
-    module = module.clone(**{field: dataclasses.replace(cfg, max_len=need)})
-  return dataclasses.replace(model, module=module, max_len=need)
-
-
 def _process(logits_NxV, allowed_NxV, *, eos_id, temperature, top_k, top_p):
   """The logits a token is drawn from, as in ``sampling.sample``: constraints (EOS when nothing
   is allowed), then temperature, top-k and top-p (``temperature = 0``: constraints only)."""
@@ -208,8 +190,8 @@ def speculative_decode(
     draft.max_len,
     f"draft decoding (inputs {s} + {draft._sep} + max_len {max_len})",
   )
-  tgt = _with_capacity(target, s + target._sep + max_len + gamma)
-  drf = _with_capacity(draft, s + draft._sep + max_len + gamma)
+  tgt = target.with_capacity(s + target._sep + max_len + gamma)
+  drf = draft.with_capacity(s + draft._sep + max_len + gamma)
   _, first_t_B, cache_t = tgt.decode_state(target_params, inputs_BxS, max_len + gamma)
   draft_step, first_d_B, cache_d = drf.decode_state(draft_params, inputs_BxS, max_len + gamma)
   types.check_decode_args(

@@ -73,6 +73,31 @@ class SeqModel(abc.ABC):
   def decode_state(self, params, inputs_BxS, max_len: int) -> tuple[Callable, jax.Array, Any]:
     """``(tokens_to_logits, init_tokens_B, cache)`` for the algorithms in ``slicjax.decoding``."""
 
+  def with_capacity(self, need: int) -> "SeqModel":
+    """The adapter with a decode cache of ``need`` slots.
+
+    A transformer module is re-instantiated with ``max_len=need`` (its KV cache, masks and cache
+    buckets then span ``need`` slots: decoding a short request with a long-context model costs
+    what the request needs, not the context); parameters are unchanged, so the same params
+    apply. Learned position tables are parameters of shape ``[max_len, D]``, so such a module is
+    kept (an error if ``need`` exceeds its table). An SSM cache has no length: only the
+    adapter's bound changes.
+    """
+    module = self.module
+    field = "cfg" if hasattr(module, "cfg") else "config"
+    cfg = getattr(module, field, None)
+    if dataclasses.is_dataclass(cfg) and hasattr(cfg, "max_len") and cfg.max_len != need:
+      if getattr(cfg, "position", None) == "learned":
+        if need > cfg.max_len:
+          raise ValueError(
+            f"decoding needs {need} cache slots (prompt + max_len, + num_draft when "
+            f"speculative) but the model has learned positions for only {cfg.max_len}; lower "
+            f"max_len or num_draft."
+          )
+        return dataclasses.replace(self, max_len=max(self.max_len, need))
+      module = module.clone(**{field: dataclasses.replace(cfg, max_len=need)})
+    return dataclasses.replace(self, module=module, max_len=need)
+
   def _empty_cache(self, call, batch: int):
     """A zero cache for ``batch`` rows, built from shapes only (no parameter init compute)."""
     shapes = jax.eval_shape(call, jax.random.PRNGKey(0), jnp.zeros((batch, 1), jnp.int32))
@@ -155,12 +180,7 @@ class PrefixLM(SeqModel):
       )
     need = inputs_BxS.shape[1] + self._sep + length
     _check_len(need, self.max_len, f"scoring (inputs {inputs_BxS.shape[1]} + candidates)")
-    small = self
-    if dataclasses.is_dataclass(cfg) and hasattr(cfg, "max_len"):  # a cache of `need` slots
-      small = dataclasses.replace(
-        self, module=module.clone(**{field: dataclasses.replace(cfg, max_len=need)}),
-        max_len=need,
-      )
+    small = self.with_capacity(need)  # a cache of `need` slots
     _, first_B, cache = small.decode_state(params, inputs_BxS, length)
     cache = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), cache)
     cands = candidates_BxKxL.reshape(b * k, length)
@@ -232,9 +252,11 @@ class PrefixLM(SeqModel):
   def decode_state(self, params, inputs_BxS, max_len: int):
     b, s = inputs_BxS.shape
     sep = self._sep
-    _check_len(
-      s + sep + max_len, self.max_len, f"decoding (inputs {s} + {sep} + max_len {max_len})"
-    )
+    need = s + sep + max_len
+    _check_len(need, self.max_len, f"decoding (inputs {s} + {sep} + max_len {max_len})")
+    small = self.with_capacity(need) if need < self.max_len else self
+    if small.max_len < self.max_len:  # a cache of the slots this request needs, not the context
+      return small.decode_state(params, inputs_BxS, max_len)
     module = self.module
 
     def step(tokens_B, cache):
@@ -334,8 +356,12 @@ class EncoderDecoder(SeqModel):
     return logits, hidden
 
   def decode_state(self, params, inputs_BxS, max_len: int):
-    b = inputs_BxS.shape[0]
+    b, s = inputs_BxS.shape
     _check_len(max_len, self.max_len, "decoding max_len")
+    need = max(max_len, s)  # the decoder cache's slots; the encoder reads s positions
+    small = self.with_capacity(need) if need < self.max_len else self
+    if small.max_len < self.max_len:  # a cache of the slots this request needs, not the context
+      return small.decode_state(params, inputs_BxS, max_len)
     module = self.module
     seg = (inputs_BxS != PAD_ID).astype(jnp.int32)
     encoded = module.apply({"params": params}, inputs_BxS, seg, method=module.encode)

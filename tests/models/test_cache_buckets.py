@@ -54,8 +54,28 @@ def test_bucketed_step_logits_equal_teacher_forcing():
     params, jnp.array([seq[:3]], jnp.int32), 20
   )
   assert "cond[" not in str(jax.make_jaxpr(off_step)(off_tok, off_cache))
+  step = jax.jit(step)
   for t in range(2, len(seq) - 1):  # the last prompt token is fed first, then the sequence
     logits, cache = step(tok, cache)
     np.testing.assert_allclose(logits[0], full[t], atol=2e-5, err_msg=f"position {t}")
     tok = jnp.array([seq[t + 1]], jnp.int32)
 
+
+
+@pytest.mark.parametrize("kw", [{}, dict(num_encoder_layers=2, position="relative")],
+                         ids=["prefix_lm", "t5_encoder_decoder"])
+def test_decode_cache_spans_the_request_not_the_context(kw):
+  """A model with a 4,096-position context decoding 6 + 1 + 12 tokens gets a cache of the slots
+  the request needs (19 for the prefix LM; max(12, 6) for the encoder-decoder), and its greedy
+  tokens and log-probabilities equal teacher forcing through the full-context module."""
+  big = build_model(dict(preset="tiny", vocab_size=24, max_len=4096, **kw))
+  params = big.init(jax.random.PRNGKey(3))
+  _, _, cache = big.decode_state(params, PROMPTS, 12)
+  slots = {x.shape[2] for x in jax.tree.leaves(cache) if x.ndim == 4}  # [B, G, slots, K] leaves
+  assert slots == ({12} if kw else {19}), slots
+  out = decode(big, params, PROMPTS, method="greedy", max_len=12, eos_id=-1)
+  toks = out.tokens_BxKxL[:, 0]
+  logits, _ = big.target_logits(params, {"inputs": PROMPTS, "targets": toks})
+  np.testing.assert_array_equal(jnp.argmax(logits, -1), toks)
+  logp = jnp.take_along_axis(jax.nn.log_softmax(logits), toks[:, :, None], -1)[..., 0].sum(-1)
+  np.testing.assert_allclose(out.logp_BxK[:, 0], logp, rtol=1e-5, atol=1e-4)

@@ -66,7 +66,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     train=dict(steps=20, batch_size=8, log_every=2),
     candidates=dict(num_examples=16, num_candidates=3, batch_size=8, chunk_size=8),
     calibrate=dict(steps=6, batch_size=8, log_every=1),
+    # Selective generation from the beam-2 outputs already decoded; multi_choice (the longest
+    # prompts) is left to the other presets and tests/evaluation/test_confidence.py.
     evaluate=dict(beam_sizes=(1, 2), alphas=(0.0, 0.6), num_examples=8, batch_size=8,
+                  selective_beam=2, selective_scores=("logp", "logp_norm", "self_eval"),
                   selective_prompt_len=88),
   ),
 }

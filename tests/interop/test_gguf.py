@@ -411,18 +411,21 @@ from slicjax.interop.gguf_import import load_gguf_checkpoint
 path = sys.argv[1]
 directory, name = os.path.split(path)
 model, params = load_gguf_checkpoint(path, max_len=64, dtype="float64")
+forward = jax.jit(lambda p, t: model.module.apply({"params": p}, t))
 tok = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name, local_files_only=True)
+# One load (the GGUF dequantization dominates): float64, then the same weights cast to float32
+hf = transformers.AutoModelForCausalLM.from_pretrained(
+  directory, gguf_file=name, dtype=torch.float64, local_files_only=True)
+prompts = [tok.encode(p, add_special_tokens=False) for p in json.loads(sys.argv[2])]
+ours = [np.asarray(forward(params, jnp.array([ids])), np.float64) for ids in prompts]
 out = {}
-for dt in ("float32", "float64"):
-  hf = transformers.AutoModelForCausalLM.from_pretrained(
-    directory, gguf_file=name, dtype=getattr(torch, dt), local_files_only=True)
+for dt in ("float64", "float32"):
+  hf = hf.to(getattr(torch, dt))
   diffs = []
-  for p in json.loads(sys.argv[2]):
-    ids = tok.encode(p, add_special_tokens=False)
-    ours = np.asarray(model.module.apply({"params": params}, jnp.array([ids])), np.float64)
+  for ids, mine in zip(prompts, ours):
     with torch.no_grad():
       theirs = hf(torch.tensor([ids])).logits.double().numpy()
-    diffs.append(float(np.abs(ours - theirs).max()))
+    diffs.append(float(np.abs(mine - theirs).max()))
   out[dt] = max(diffs)
 print(json.dumps(out))
 """

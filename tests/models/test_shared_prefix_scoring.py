@@ -33,8 +33,9 @@ def test_shared_prefix_equals_copies(cfg, separator):
   params = base.init(jax.random.PRNGKey(2))
   shared = dataclasses.replace(base, shared_prefix_scoring=True)
   copies = dataclasses.replace(base, shared_prefix_scoring=False)
-  a_logits, a_hidden = shared.candidate_logits(params, PROMPTS, CANDS, return_hidden=True)
-  b_logits, b_hidden = copies.candidate_logits(params, PROMPTS, CANDS, return_hidden=True)
+  run = lambda m: jax.jit(lambda p: m.candidate_logits(p, PROMPTS, CANDS, return_hidden=True))
+  a_logits, a_hidden = run(shared)(params)
+  b_logits, b_hidden = run(copies)(params)
   real = np.asarray(CANDS != 0)  # positions after a candidate's EOS are padding, never scored
   np.testing.assert_allclose(np.asarray(a_logits)[real], np.asarray(b_logits)[real], atol=2e-5)
   np.testing.assert_allclose(np.asarray(a_hidden)[real], np.asarray(b_hidden)[real], atol=2e-5)
@@ -42,8 +43,8 @@ def test_shared_prefix_equals_copies(cfg, separator):
   def total_logp(model, p):
     return jnp.sum(scoring.score_candidates(model, p, PROMPTS, CANDS)["logp"])
 
-  np.testing.assert_allclose(total_logp(shared, params), total_logp(copies, params), rtol=1e-5)
-  ga = jax.grad(lambda p: total_logp(shared, p))(params)
-  gb = jax.grad(lambda p: total_logp(copies, p))(params)
+  (la, ga), (lb, gb) = (jax.jit(jax.value_and_grad(lambda p, m=m: total_logp(m, p)))(params)
+                        for m in (shared, copies))
+  np.testing.assert_allclose(la, lb, rtol=1e-5)
   for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(ga), jax.tree.leaves(gb)):
     np.testing.assert_allclose(x, y, atol=5e-5, rtol=1e-4, err_msg=str(path))

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from decode_helpers import jitted_decode_state
 
 from slicjax.decoding.api import decode
 from slicjax.models.factory import build_model
@@ -21,8 +22,8 @@ def test_parallel_prefill_equals_sequential(variant, separator):
   params = base.init(jax.random.PRNGKey(7))
   par = dataclasses.replace(base, separator_id=separator, parallel_prefill=True)
   seq = dataclasses.replace(base, separator_id=separator, parallel_prefill=False)
-  step_p, first_p, cache_p = par.decode_state(params, PROMPTS, 6)
-  step_s, first_s, cache_s = seq.decode_state(params, PROMPTS, 6)
+  step_p, first_p, cache_p = jitted_decode_state(par, params, PROMPTS, 6)
+  step_s, first_s, cache_s = jitted_decode_state(seq, params, PROMPTS, 6)
   np.testing.assert_array_equal(first_p, first_s)
   leaves_p = jax.tree_util.tree_leaves_with_path(cache_p)
   assert leaves_p, "empty cache"

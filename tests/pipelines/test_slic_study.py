@@ -142,13 +142,14 @@ def test_rescoring_a_shared_decode_equals_generating_with_that_similarity(tmp_pa
     model, optim.make_optimizer(dict(optim.DEFAULTS), 1)[0], common.make_mesh(c),
     jax.random.PRNGKey(0), init_kwargs=dict(input_len=6, target_len=7))
   params = state.params
+  c.candidates.similarity = "none"  # one decode, re-scored with each similarity below
+  raw = candidates.read_candidates(
+    candidates.generate(c, str(tmp_path / "none"), params=params, model=model, data=data))
   for kind in ("latent", "rouge", "token_embedding"):
     c.candidates.similarity = kind
     direct = candidates.generate(c, str(tmp_path / kind), params=params, model=model, data=data)
-    c.candidates.similarity = "none"
-    raw = candidates.generate(c, str(tmp_path / "none"), params=params, model=model, data=data)
     want = candidates.read_candidates(direct)
-    got = slic_study.rescore(candidates.read_candidates(raw), kind, model, params, data, 5)
+    got = slic_study.rescore(raw, kind, model, params, data, 5)
     assert [r["candidates"] for r in got] == [r["candidates"] for r in want]
     np.testing.assert_allclose([r["sim"] for r in got], [r["sim"] for r in want], rtol=1e-5,
                                atol=1e-6)

@@ -7,10 +7,11 @@ A random Llama (``--d_model`` 256, 4 layers, vocab 8192: 7.3M parameters) is bui
 ``transformers``, saved with ``save_pretrained`` and imported with
 ``slicjax.interop.load_hf_checkpoint``; teacher-forced logits are compared first (the run stops if
 they differ by more than 1e-3). The process is pinned to one CPU core (``sched_setaffinity``)
-and PyTorch to one thread, so both libraries get the same compute. Each case is run once to
-compile / warm up, then ``--rounds`` times alternating slicjax and transformers; the ratio of a
-round is ``transformers seconds / slicjax seconds`` (> 1: slicjax is faster). Printed: the
-median ratio and its [min, max] over rounds, and the median seconds of each side.
+and PyTorch to one thread, XLA to one thread per op, so both libraries get the same compute.
+Each case is run once to compile / warm up, then ``--rounds`` times alternating slicjax and
+transformers; the ratio of a round is ``transformers seconds / slicjax seconds`` (> 1: slicjax
+is faster). Printed: the median ratio and its [min, max] over rounds, and the median seconds of
+each side.
 
 Cases (EOS disabled on both sides so every row generates exactly the requested tokens):
 
@@ -33,6 +34,13 @@ import tempfile
 import time
 
 os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core for both libraries
+# XLA:CPU runs one thread per op as PyTorch does with set_num_threads(1): without these flags its
+# Eigen pool still spawns threads that contend for the one core (greedy ratio 1.31 vs 1.76 with
+# them, beam 4 1.06 vs 1.07; see BENCHMARKS.md).
+os.environ["XLA_FLAGS"] = " ".join(
+  [os.environ.get("XLA_FLAGS", ""), "--xla_cpu_multi_thread_eigen=false",
+   "intra_op_parallelism_threads=1"]
+).strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -174,6 +174,7 @@ def make_train_step(
     with sharding.use_mesh(mesh):
       return jitted(state, batch)
 
+  run.jitted = jitted  # for ``run.jitted.lower(state, batch)`` (HLO, cost analysis, profiling)
   return run
 
 

@@ -338,6 +338,12 @@ class _OutputHead(nn.Module):
   @nn.compact
   def __call__(self, h, embed: layers.Embed):
     cfg = self.cfg
+    # The projection runs on [tokens, D] rows: with [B, L, D] XLA:CPU picked transposed layouts
+    # for the backward (the vocabulary-gradient matmul and the softmax gradient written
+    # [V, tokens]), which made the head's forward + backward 2.2x slower (268 vs 119 ms for
+    # 8 x 128 tokens, D 256, V 8192, one core).
+    lead = h.shape[:-1]
+    h = h.reshape(-1, h.shape[-1])
     if cfg.tie_embeddings:
       if cfg.tied_logit_scale:
         h = h * (cfg.d_model**-0.5)
@@ -355,6 +361,7 @@ class _OutputHead(nn.Module):
         ),
         name="lm_head",
       )(h)
+    logits = logits.reshape(*lead, logits.shape[-1])
     logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
     return logits.astype(jnp.float32)
 

@@ -298,8 +298,13 @@ class Attention(nn.Module):
         bias_BxHxQxK = bias_BxHxQxK[..., :size]
     b, lq, g, r, k = qg.shape
     s = key.shape[2]
+    # Queries go heads-first too ([B, G, R, Q, K]): both matmuls are then plain batched
+    # [Q, K] x [K, S] products; contracting the [B, Q, G, R, K] layout directly made XLA:CPU
+    # pick transposed layouts in the backward pass (attention core forward + backward 43 vs
+    # 24 ms for 8 x 257 tokens, 4 heads of 64, one core).
+    qt = jnp.transpose(qg, (0, 2, 3, 1, 4))
     logits = jnp.einsum(
-      "bqgrk,bgsk->bgrqs", qg, key, preferred_element_type=accum_dtype(qg.dtype)
+      "bgrqk,bgsk->bgrqs", qt, key, preferred_element_type=accum_dtype(qg.dtype)
     ).astype(jnp.float32)
     logits = logits.reshape(b, g * r, lq, s)
     if bias_BxHxQxK is not None:
@@ -309,7 +314,8 @@ class Attention(nn.Module):
     if self.dropout_rate > 0 and not deterministic:
       probs = nn.Dropout(self.dropout_rate)(probs, deterministic=False)
     probs = probs.reshape(b, g, r, lq, s)
-    return jnp.einsum("bgrqs,bgsk->bqgrk", probs, value).reshape(b, lq, g * r, k)
+    out = jnp.einsum("bgrqs,bgsk->bgrqk", probs, value)
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, lq, g * r, k)
 
 
 def cache_buckets(max_len: int, smallest: int) -> tuple[int, ...]:

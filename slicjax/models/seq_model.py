@@ -86,7 +86,8 @@ class SeqModel(abc.ABC):
     module = self.module
     field = "cfg" if hasattr(module, "cfg") else "config"
     cfg = getattr(module, field, None)
-    if dataclasses.is_dataclass(cfg) and hasattr(cfg, "max_len") and cfg.max_len != need:
+    kv_cache = type(cfg).__name__ == "TransformerConfig"  # SSM states have no slots to size
+    if kv_cache and cfg.max_len != need:
       if getattr(cfg, "position", None) == "learned":
         if need > cfg.max_len:
           raise ValueError(

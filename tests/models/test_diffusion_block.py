@@ -1,0 +1,267 @@
+"""Block diffusion: block-causal masks, AR adaptation (shift), cached block decoding, EOS rule.
+
+Ground truths: the causal transformer (block length 1 + shift + causal prompt must be it, token
+for token), the full-sequence block-causal denoiser (the KV-cached sampler must reproduce its
+decoding), and hand-built denoisers whose outputs can be written down.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from slicjax.decoding import diffusion_sampling as ds
+from slicjax.models import diffusion as dm
+from slicjax.models import diffusion_seq, seq_model
+from slicjax.models.transformer import TransformerConfig, TransformerLM
+
+VOCAB = 20  # tokenizer vocabulary; the diffusion backbone has VOCAB + 1 rows (MASK = VOCAB)
+CFG = dict(vocab_size=VOCAB, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=64,
+           num_layers=2, max_len=64)
+
+
+def _ar_model_and_params(seed=0):
+  cfg = TransformerConfig(**CFG)
+  ar = seq_model.PrefixLM(TransformerLM(cfg), cfg.max_len, VOCAB)
+  params = ar.init(jax.random.PRNGKey(seed))
+  # scale the weights up so that the random model is confident enough to be interesting
+  params = jax.tree.map(lambda x: 2.0 * x, params)
+  return ar, params
+
+
+def _diffusion(block_length, shift=True, causal_prompt=True, **kw):
+  d = dict(CFG, block_length=block_length, shift=shift, causal_prompt=causal_prompt, **kw)
+  return diffusion_seq.build(d)
+
+
+def _ragged_inputs():
+  inputs = np.zeros((3, 6), np.int32)
+  inputs[0, :6] = [5, 6, 7, 8, 9, 10]
+  inputs[1, :2] = [11, 4]
+  inputs[2, :4] = [4, 12, 13, 6]
+  return jnp.asarray(inputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# masks
+# ---------------------------------------------------------------------------------------------
+def test_block_ids_by_hand():
+  # prompt of 2 tokens, total length 10, canvas 6, blocks of 2
+  s = jnp.array([2])
+  ids = np.asarray(dm.block_ids(s, 10, block_length=2, canvas_len=6))[0]
+  # no shift: prompt + BOS (positions 0..2) block 0, slots at 3..8 in blocks 11, 11, 12, ...
+  np.testing.assert_array_equal(ids, [0, 0, 0, 11, 11, 12, 12, 13, 13, 40])
+  ids = np.asarray(dm.block_ids(s, 10, block_length=2, canvas_len=6, shift=True))[0]
+  # shift: position 2 (BOS) gives slot 0's logits, so the blocks start one position earlier
+  np.testing.assert_array_equal(ids, [0, 0, 11, 11, 12, 12, 13, 13, 40, 40])
+  ids = np.asarray(dm.block_ids(s, 10, block_length=2, canvas_len=6, causal_prompt=True))[0]
+  np.testing.assert_array_equal(ids[:3], [0, 1, 2])
+
+
+def test_block_length_one_with_shift_and_causal_prompt_is_the_causal_mask():
+  s = jnp.array([0, 3, 5])
+  ids = dm.block_ids(s, 12, block_length=1, shift=True, causal_prompt=True)
+  causal = np.tril(np.ones((12, 12), bool))
+  np.testing.assert_array_equal(np.asarray(dm.block_causal_mask(ids)), np.stack([causal] * 3))
+
+
+def test_anneal_mask_endpoints_and_rate():
+  ids = dm.block_ids(jnp.array([3, 1]), 40, block_length=8)
+  final = dm.block_causal_mask(ids)
+  causal = np.tril(np.ones((40, 40), bool))[None]
+  key = jax.random.PRNGKey(0)
+  np.testing.assert_array_equal(np.asarray(dm.anneal_mask(key, final, 0.0)), final & causal)
+  np.testing.assert_array_equal(np.asarray(dm.anneal_mask(key, final, 1.0)), final)
+  half = np.asarray(dm.anneal_mask(key, final, 0.3))
+  extra = np.asarray(final) & ~causal
+  assert np.all(half <= np.asarray(final)) and np.all(half[np.broadcast_to(causal, half.shape)
+                                                          & np.asarray(final)])
+  assert abs(half[extra].mean() - 0.3) < 0.05
+
+
+def test_explicit_causal_mask_equals_the_causal_transformer():
+  cfg = TransformerConfig(**CFG)
+  module = TransformerLM(cfg)
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 11), 3, VOCAB)
+  params = module.init(jax.random.PRNGKey(0), tokens)["params"]
+  want = module.apply({"params": params}, tokens)
+  mask = jnp.broadcast_to(jnp.tril(jnp.ones((11, 11), bool)), (2, 11, 11))
+  bidir = TransformerLM(TransformerConfig(**dict(CFG, causal=False)))
+  got = bidir.apply({"params": params}, tokens, attention_mask_BxLxL=mask)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  # and the mask matters: the bidirectional model differs
+  assert not np.allclose(bidir.apply({"params": params}, tokens), want, atol=1e-3)
+
+
+def test_decode_chunk_against_the_cache_equals_the_full_sequence_pass():
+  """A chunk run in decode mode with a chunk mask sees every cached slot before it: the same
+  outputs as the full-sequence pass with the matching block-causal mask."""
+  cfg = TransformerConfig(**dict(CFG, causal=False, max_len=16))
+  module = TransformerLM(cfg)
+  tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 12), 3, VOCAB)
+  params = module.init(jax.random.PRNGKey(0), tokens)["params"]
+  # blocks: [0, 4) bidirectional prompt, [4, 8), [8, 12)
+  ids = jnp.asarray([0] * 4 + [1] * 4 + [2] * 4)[None].repeat(2, 0)
+  full = module.apply({"params": params}, tokens, attention_mask_BxLxL=dm.block_causal_mask(ids))
+  cache = module.init(jax.random.PRNGKey(0), tokens[:, :1], decode=True,
+                      attention_mask_BxLxL=jnp.ones((2, 1, 1), bool))["cache"]
+  cache = jax.tree.map(jnp.zeros_like, cache)
+  ones = jnp.ones((2, 4, 4), bool)
+  outs = []
+  for k in range(3):
+    out, mut = module.apply({"params": params, "cache": cache}, tokens[:, 4 * k: 4 * k + 4],
+                            decode=True, attention_mask_BxLxL=ones, mutable=["cache"])
+    cache = mut["cache"]
+    outs.append(out)
+  np.testing.assert_allclose(np.concatenate(outs, 1), np.asarray(full), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# AR initialization
+# ---------------------------------------------------------------------------------------------
+def test_ar_initialized_shift_model_reproduces_the_ar_logits():
+  ar, ar_params = _ar_model_and_params()
+  model = _diffusion(block_length=1)
+  params = dm.params_from_autoregressive(ar_params)
+  assert params["token_embed"]["embedding"].shape == (VOCAB + 1, CFG["d_model"])
+  inputs = _ragged_inputs()
+  targets = jnp.asarray([[7, 8, 1, 0], [9, 1, 0, 0], [4, 5, 6, 1]], jnp.int32)
+  want, _ = ar.target_logits(ar_params, {"inputs": inputs, "targets": targets})
+  x, tmask = dm.prefix_layout(inputs, targets)
+  got = model.lm.raw_logits(params, x, attention_mask_BxLxL=model.lm.final_mask(tmask, 4))
+  s_B = jnp.sum(inputs != 0, axis=1)
+  got = jnp.take_along_axis(got, (s_B[:, None] + 1 + jnp.arange(4)[None, :])[:, :, None], axis=1)
+  real = np.asarray(targets) != 0
+  np.testing.assert_allclose(np.asarray(got)[..., :VOCAB][real], np.asarray(want)[real],
+                             rtol=1e-4, atol=1e-4)
+  # an untied head gains a zero [MASK] column
+  untied = dm.params_from_autoregressive({"token_embed": {"embedding": jnp.ones((5, 3))},
+                                          "head": {"lm_head": {"kernel": jnp.ones((3, 5))}}})
+  assert untied["head"]["lm_head"]["kernel"].shape == (3, 6)
+  np.testing.assert_array_equal(untied["head"]["lm_head"]["kernel"][:, 5], 0.0)
+
+
+def _ar_greedy(ar, params, inputs, length):
+  """Reference AR greedy decoding by full recomputation (PAD never chosen, stop at EOS)."""
+  b = inputs.shape[0]
+  out = np.zeros((b, length), np.int32)
+  done = np.zeros(b, bool)
+  for j in range(length):
+    logits, _ = ar.target_logits(params, {"inputs": inputs, "targets": jnp.asarray(out)})
+    step = np.asarray(logits[:, j]).copy()
+    step[:, 0] = -np.inf
+    tok = step.argmax(-1)
+    out[:, j] = np.where(done, 0, tok)
+    done |= tok == 1
+  return out
+
+
+def test_block_length_one_greedy_is_ar_greedy():
+  ar, ar_params = _ar_model_and_params()
+  model = _diffusion(block_length=1)
+  params = dm.params_from_autoregressive(ar_params)
+  inputs = _ragged_inputs()
+  want = _ar_greedy(ar, ar_params, inputs, 8)
+  got, stats = jax.jit(functools.partial(model.sample, max_len=8))(
+    params, inputs, jax.random.PRNGKey(0)
+  )
+  np.testing.assert_array_equal(np.asarray(got), want)
+  assert np.asarray(stats.row_evals_B).max() <= 8
+  np.testing.assert_array_equal(stats.real_tokens_B, (want != 0).sum(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# cached block sampler == uncached block-causal sampler
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("rule,kw", [("threshold", dict(threshold=0.5)),
+                                     ("factor", dict(factor=1.0)),
+                                     ("topk", dict(steps_per_block=2))])
+def test_cached_block_sampler_equals_the_uncached_sampler(shift, rule, kw):
+  model = _diffusion(block_length=4, shift=shift, causal_prompt=False)
+  params = model.lm.init(jax.random.PRNGKey(3), length=20)
+  params = jax.tree.map(lambda x: 3.0 * x, params)
+  inputs = _ragged_inputs()
+  length = 8
+  got, stats = jax.jit(functools.partial(ds.cached_block_sample, model.lm, target_len=length,
+                                         rule=rule, **kw))(params, inputs, jax.random.PRNGKey(0))
+  x, tmask = dm.prefix_layout(inputs, target_len=length, mask_id=model.lm.mask_id)
+  denoise = model.lm.denoiser(params, tmask, length)
+  fn = {"threshold": ds.confidence_threshold_sample, "factor": ds.confidence_factor_sample,
+        "topk": ds.low_confidence_remasking_sample}[rule]
+  ref, ref_stats = jax.jit(functools.partial(fn, denoise, mask_id=model.lm.mask_id,
+                                             block_length=4, **kw))(
+    x, tmask == 0, jax.random.PRNGKey(0))
+  s_B = jnp.sum(inputs != 0, axis=1)
+  idx = s_B[:, None] + 1 + jnp.arange(length)[None, :]
+  ref_gen = np.asarray(jnp.take_along_axis(ref, idx, axis=1))
+  np.testing.assert_array_equal(np.asarray(got), ref_gen)
+  ref_steps = np.asarray(jnp.take_along_axis(ref_stats.commit_step_BxL, idx, axis=1))
+  # the same commit order per row (steps are counted per row in the reference loop, in
+  # lockstep per block in the cached one): compare dense ranks of the commit steps
+  for b in range(3):
+    dense = lambda v: np.unique(v, return_inverse=True)[1]
+    np.testing.assert_array_equal(dense(np.asarray(stats.commit_step_BxL)[b]),
+                                  dense(ref_steps[b]))
+  np.testing.assert_array_equal(stats.real_tokens_B, ref_stats.real_tokens_B)
+  np.testing.assert_array_equal(stats.row_evals_B, ref_stats.row_evals_B)
+  assert not np.any(np.asarray(got) == model.lm.mask_id)
+  if rule != "topk":
+    assert np.asarray(stats.row_evals_B).min() < length  # some parallel commits happened
+
+
+def test_cached_block_sampler_bad_inputs():
+  model = _diffusion(block_length=3)
+  with pytest.raises(ValueError, match="multiple of the model's block_length"):
+    ds.cached_block_sample(model.lm, None, _ragged_inputs(), jax.random.PRNGKey(0), target_len=8)
+  with pytest.raises(ValueError, match="not block-causal"):
+    ds.cached_block_sample(_diffusion(block_length=0).lm, None, _ragged_inputs(),
+                           jax.random.PRNGKey(0), target_len=8)
+  with pytest.raises(ValueError, match="unknown rule"):
+    ds.cached_block_sample(model.lm, None, _ragged_inputs(), jax.random.PRNGKey(0),
+                           target_len=9, rule="beam")
+
+
+# ---------------------------------------------------------------------------------------------
+# EOS rule on a hand-built denoiser
+# ---------------------------------------------------------------------------------------------
+def _pad_loving_denoise(z_BxL, t_B):
+  """PAD is the top choice everywhere; next: EOS at position 4, token 7 elsewhere (position 1
+  is the most confident, so the fill order is known)."""
+  b, length = z_BxL.shape
+  logits = jnp.full((b, length, 10), -5.0)
+  logits = logits.at[:, :, 0].set(3.0)
+  logits = logits.at[:, :, 7].set(jnp.where(jnp.arange(length) == 1, 2.5, 1.0)[None])
+  logits = logits.at[:, 4, 7].set(-5.0).at[:, 4, 1].set(2.0)
+  return logits
+
+
+def test_eos_rule_never_fills_the_padding_first():
+  tokens = np.zeros((1, 8), np.int32)
+  tokens[0, 0] = 5
+  fixed = np.zeros((1, 8), bool)
+  fixed[0, 0] = True
+  for fn, kw in [(ds.confidence_threshold_sample, dict(threshold=0.99)),
+                 (ds.low_confidence_remasking_sample, {})]:
+    out, stats = fn(_pad_loving_denoise, tokens, fixed, jax.random.PRNGKey(0), mask_id=9, **kw)
+    np.testing.assert_array_equal(np.asarray(out)[0], [5, 7, 7, 7, 1, 0, 0, 0])
+    assert int(stats.real_tokens_B[0]) == 4
+    # without the rule the padding is committed first and nothing useful comes out
+    out, _ = fn(_pad_loving_denoise, tokens, fixed, jax.random.PRNGKey(0), mask_id=9,
+                eos_fill=False, **kw)
+    np.testing.assert_array_equal(np.asarray(out)[0], [5, 0, 0, 0, 0, 0, 0, 0])
+
+
+def test_eos_fill_commits_the_slots_after_eos_in_the_same_step():
+  tokens = np.zeros((1, 8), np.int32)
+  fixed = np.zeros((1, 8), bool)
+  fixed[0, 0] = True
+  # one token per step, most confident first: position 1 (7), then 4 (EOS) fills 5..7 with PAD
+  out, stats = ds.low_confidence_remasking_sample(
+    _pad_loving_denoise, tokens, fixed, jax.random.PRNGKey(0), mask_id=9)
+  steps = np.asarray(stats.commit_step_BxL)[0]
+  assert steps[1] == 0 and steps[4] == 1
+  np.testing.assert_array_equal(steps[5:], [1, 1, 1])
+  assert int(stats.num_evals) == 4  # slots 1, 4, then 2 and 3

@@ -156,7 +156,7 @@ def ar_rows(model, params, data, examples, refs, a, out):
     name = "greedy" if beam == 1 else f"beam {beam}"
     per[name] = scores
     # One cached step per generated position (EOS included), K of them for a beam of K.
-    lens = [len(t) + 1 for t in toks]
+    lens = [min(len(t) + 1, data.target_len) for t in toks]
     row = _row("ar", name, scores, a.resamples, real_tokens_per_eval=1.0 / beam,
                slots_per_eval=1.0 / beam, evals_per_example=float(beam * np.mean(lens)),
                mean_output_tokens=float(np.mean(lens)), seconds=round(seconds, 2))

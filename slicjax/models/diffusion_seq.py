@@ -114,8 +114,8 @@ class DiffusionSeq2Seq(SeqModel):
     sampler = self.sampler if sampler is None else sampler
     if sampler not in SAMPLERS:
       raise ValueError(f"unknown diffusion sampler {sampler!r}; choose from {SAMPLERS}.")
-    kw = dict(threshold=self.sampler_threshold, factor=self.sampler_factor,
-              eos_fill=self.eos_fill, temperature=temperature, **overrides)
+    kw = {**dict(threshold=self.sampler_threshold, factor=self.sampler_factor,
+                 eos_fill=self.eos_fill), **overrides, "temperature": temperature}
     mask_id = self.lm.mask_id
     if self.lm.block_length is not None:
       return diffusion_sampling.cached_block_sample(

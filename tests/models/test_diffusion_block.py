@@ -265,3 +265,52 @@ def test_eos_fill_commits_the_slots_after_eos_in_the_same_step():
   assert steps[1] == 0 and steps[4] == 1
   np.testing.assert_array_equal(steps[5:], [1, 1, 1])
   assert int(stats.num_evals) == 4  # slots 1, 4, then 2 and 3
+
+
+# ---------------------------------------------------------------------------------------------
+# wiring: decoding API and the adaptation loss
+# ---------------------------------------------------------------------------------------------
+def test_generate_uses_the_cached_block_sampler():
+  model = _diffusion(block_length=4, shift=False, causal_prompt=False, sampler="factor",
+                     sampler_factor=1.5)
+  params = jax.tree.map(lambda x: 3.0 * x, model.lm.init(jax.random.PRNGKey(3), length=20))
+  inputs = _ragged_inputs()
+  res = model.generate(params, inputs, method="greedy", max_len=8)
+  want, _ = ds.cached_block_sample(model.lm, params, inputs, jax.random.PRNGKey(0), target_len=8,
+                                   rule="factor", factor=1.5)
+  np.testing.assert_array_equal(np.asarray(res.tokens_BxKxL)[:, 0], np.asarray(want))
+  assert np.asarray(res.logp_BxK).shape == (3, 1)
+
+
+def test_annealed_loss_reaches_the_final_mask():
+  from slicjax.pipelines import diffusion_adapt
+
+  model = _diffusion(block_length=4)
+  _, ar_params = _ar_model_and_params()
+  params = dm.params_from_autoregressive(ar_params)
+  batch = {"inputs": _ragged_inputs(),
+           "targets": jnp.asarray([[7, 8, 1, 0], [9, 1, 0, 0], [4, 5, 6, 1]], jnp.int32)}
+
+  class State:
+    def __init__(self, step):
+      self.step = jnp.asarray(step)
+
+  fn = diffusion_adapt.annealed_loss_fn(model, anneal_steps=10)
+  key = jax.random.PRNGKey(5)
+  loss0, m0 = fn(params, batch, key, State(0))
+  loss5, m5 = fn(params, batch, key, State(5))
+  loss_end, m_end = fn(params, batch, key, State(10))
+  assert float(m0["anneal_p"]) == 0.0 and float(m5["anneal_p"]) == 0.5
+  assert float(m_end["anneal_p"]) == 1.0
+  plain = diffusion_adapt.annealed_loss_fn(model, anneal_steps=0)(params, batch, key, State(0))[0]
+  np.testing.assert_allclose(float(loss_end), float(plain), rtol=1e-6)
+  assert float(loss0) != float(plain)  # the causal start differs from the block-causal mask
+  with pytest.raises(ValueError, match="anneal_steps"):
+    diffusion_adapt.annealed_loss_fn(model, anneal_steps=-1)
+
+
+def test_build_rejects_bad_diffusion_keys():
+  with pytest.raises(ValueError, match="unknown model.sampler"):
+    _diffusion(block_length=4, sampler="beam")
+  with pytest.raises(ValueError, match="block_length must be >= 0"):
+    _diffusion(block_length=-1)

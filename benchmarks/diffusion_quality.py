@@ -56,6 +56,8 @@ SAMPLERS = [
   ("threshold tau=0.5", "threshold", dict(threshold=0.5)),
   ("factor f=1", "factor", dict(factor=1.0)),
   ("factor f=2", "factor", dict(factor=2.0)),
+  ("factor f=4", "factor", dict(factor=4.0)),
+  ("top-1 per eval, EOS rule off", "topk", dict(steps_per_block=None, eos_fill=False)),
 ]
 
 
@@ -202,7 +204,7 @@ def main():
 
   t0 = time.perf_counter()
   cfg = _config("diffusion", a.steps + adapt, **block)
-  state, model, _ = mle.run(cfg, os.path.join(a.workdir, "diffusion_scratch"))
+  state, model, _ = mle.run(cfg, os.path.join(a.workdir, f"diffusion_scratch_b{a.block_length}"))
   info["diffusion (scratch)"] = dict(steps=a.steps + adapt,
                                      train_seconds=round(time.perf_counter() - t0, 1))
   info["diffusion (scratch)"]["heldout_neg_elbo"] = heldout_loss(model, state.params, data,
@@ -214,8 +216,9 @@ def main():
   t0 = time.perf_counter()
   cfg = _config("diffusion", adapt, shift=True, causal_prompt=True, **block)
   cfg.optimizer.learning_rate = a.adapt_lr
-  state, model, _ = diffusion_adapt.run(cfg, os.path.join(a.workdir, "diffusion_ar_init"),
-                                        ar_state.params, anneal_steps=anneal)
+  sub = f"diffusion_ar_init_b{a.block_length}_a{adapt}_n{anneal}_lr{a.adapt_lr:g}"
+  state, model, _ = diffusion_adapt.run(cfg, os.path.join(a.workdir, sub), ar_state.params,
+                                        anneal_steps=anneal)
   info["diffusion (AR-init)"] = dict(steps=f"{a.steps} AR + {adapt} adaptation",
                                      anneal_steps=anneal, adapt_lr=a.adapt_lr,
                                      train_seconds=round(time.perf_counter() - t0, 1))

@@ -69,7 +69,7 @@ MODEL_DOCS = {
   "block_length": "Block-causal diffusion: canvas blocks of this size, KV-cached; 0 = one block.",
   "shift": "Slot j's logits read at position j-1, as an AR LM (for AR-initialized models).",
   "causal_prompt": "Block-causal diffusion: the prompt attends causally, as in an AR model.",
-  "eos_fill": "Diffusion decoding: PAD never committed directly; slots after EOS become PAD.",
+  "eos_fill": "Diffusion decoding: PAD's mass goes to EOS at masked slots; after EOS all PAD.",
 }
 
 DATA_DOCS = {

@@ -28,10 +28,12 @@ different lengths share one static shape. Denoiser outputs are reused while z_t 
 backbones take no time input). The whole-sequence samplers re-run the whole sequence per
 evaluation; :func:`cached_block_sample` runs one block.
 
-EOS rule (``eos_fill``, on by default): PAD's logit is −∞ at masked slots (PAD is never
-committed directly) and, once a row commits EOS, every generated slot after its first EOS is
-set to PAD in the same step. Without it a model that puts most mass on padding fills the end
-of the canvas first and then commits EOS near the start (empty outputs).
+EOS rule (``eos_fill``, on by default): PAD is never committed directly: at masked slots its
+probability is added to EOS's (a padding prediction at slot j says the output has ended by j),
+and once a row commits EOS every generated slot after its first EOS is set to PAD in the same
+step. Without it a model that puts most mass on padding fills the end of the canvas first and
+then commits EOS near the start (empty outputs); with PAD merely banned (mass dropped), it
+fills every slot with real tokens instead (over-long outputs).
 """
 
 from __future__ import annotations
@@ -161,11 +163,20 @@ def _evaluate(denoise, st: _State, t_B, mask_id, reuse_cache):
 
 
 def _ban_pad(logits_BxLxV, masked_BxL, eos_fill):
-  """With ``eos_fill``, PAD is never committed directly: its logit is −∞ at masked slots."""
+  """With ``eos_fill``, PAD is never committed directly: at masked slots its probability is
+  moved to EOS (logit_EOS := log(e^logit_EOS + e^logit_PAD), logit_PAD := −∞).
+
+  Under the prefix layout "PAD at slot j" means "the output ended before j", so the moved mass
+  is the model's belief that the output ends by this slot; committing it as EOS ends the output
+  there (:func:`_fill_after_eos` pads the rest). Dropping PAD's mass instead would force a
+  real token wherever the model predicts padding (over-long outputs)."""
   if not eos_fill:
     return logits_BxLxV
-  is_pad = jnp.arange(logits_BxLxV.shape[-1]) == PAD_ID
-  return jnp.where(masked_BxL[:, :, None] & is_pad[None, None, :], NEG_INF, logits_BxLxV)
+  v = jnp.arange(logits_BxLxV.shape[-1])
+  merged = jnp.logaddexp(logits_BxLxV[..., EOS_ID], logits_BxLxV[..., PAD_ID])
+  out = jnp.where((v == EOS_ID)[None, None, :], merged[..., None], logits_BxLxV)
+  out = jnp.where((v == PAD_ID)[None, None, :], NEG_INF, out)
+  return jnp.where(masked_BxL[:, :, None], out, logits_BxLxV)
 
 
 def _fill_after_eos(z_BxL, gen_BxL, gen_idx_BxL):
@@ -311,8 +322,8 @@ def ancestral_sample(
     schedule: masking schedule α(t).
     temperature: softmax temperature of the token draws (0 = argmax).
     reuse_cache: reuse denoiser outputs while z_t is unchanged.
-    eos_fill: PAD is never drawn at a masked slot, and every generated slot after the first
-      committed EOS becomes PAD (outputs cannot fill the padding first).
+    eos_fill: PAD is never drawn at a masked slot (its probability is moved to EOS), and every
+      generated slot after the first committed EOS becomes PAD.
   """
   name = "ancestral_sample"
   _positive_int(name, num_steps=num_steps)
@@ -423,8 +434,8 @@ def low_confidence_remasking_sample(
     steps_per_block: denoising steps per block (None: ``block_length``, one token per step).
     temperature: temperature of the token draws (0 = argmax, LLaDA's default).
     reuse_cache: reuse the denoiser output while z is unchanged.
-    eos_fill: PAD is never committed directly (its logit is −∞ at masked slots) and every
-      generated slot after the first committed EOS becomes PAD.
+    eos_fill: PAD is never committed directly (its probability is moved to EOS at masked
+      slots) and every generated slot after the first committed EOS becomes PAD.
   """
   return _confidence_loop(
     "low_confidence_remasking_sample",
@@ -471,8 +482,8 @@ def confidence_threshold_sample(
     block_length: semi-autoregressive block size (None: one block).
     temperature: temperature of the token draws (0 = argmax).
     reuse_cache: reuse the denoiser output while z is unchanged.
-    eos_fill: PAD is never committed directly (its logit is −∞ at masked slots) and every
-      generated slot after the first committed EOS becomes PAD.
+    eos_fill: PAD is never committed directly (its probability is moved to EOS at masked
+      slots) and every generated slot after the first committed EOS becomes PAD.
   """
   return _confidence_loop(
     "confidence_threshold_sample",
@@ -521,8 +532,8 @@ def confident_prefix_sample(
     threshold: τ ∈ [0, 1].
     temperature: temperature of the token draws (0 = argmax).
     reuse_cache: reuse the denoiser output while z is unchanged.
-    eos_fill: PAD is never committed directly (its logit is −∞ at masked slots) and every
-      generated slot after the first committed EOS becomes PAD.
+    eos_fill: PAD is never committed directly (its probability is moved to EOS at masked
+      slots) and every generated slot after the first committed EOS becomes PAD.
   """
   return _confidence_loop(
     "confident_prefix_sample",
@@ -570,8 +581,8 @@ def confidence_factor_sample(
     block_length: semi-autoregressive block size (None: one block).
     temperature: temperature of the token draws (0 = argmax).
     reuse_cache: reuse the denoiser output while z is unchanged.
-    eos_fill: PAD is never committed directly (its logit is −∞ at masked slots) and every
-      generated slot after the first committed EOS becomes PAD.
+    eos_fill: PAD is never committed directly (its probability is moved to EOS at masked
+      slots) and every generated slot after the first committed EOS becomes PAD.
 
   Reference: Wu et al., "Fast-dLLM: Training-free Acceleration of Diffusion LLM by Enabling KV
   Cache and Parallel Decoding" (2025).

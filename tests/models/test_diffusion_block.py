@@ -144,13 +144,15 @@ def test_ar_initialized_shift_model_reproduces_the_ar_logits():
 
 
 def _ar_greedy(ar, params, inputs, length):
-  """Reference AR greedy decoding by full recomputation (PAD never chosen, stop at EOS)."""
+  """Reference AR greedy decoding by full recomputation, with the samplers' EOS rule (PAD's
+  probability counted as EOS's, PAD never chosen; stop at EOS)."""
   b = inputs.shape[0]
   out = np.zeros((b, length), np.int32)
   done = np.zeros(b, bool)
   for j in range(length):
     logits, _ = ar.target_logits(params, {"inputs": inputs, "targets": jnp.asarray(out)})
-    step = np.asarray(logits[:, j]).copy()
+    step = np.asarray(logits[:, j], np.float64).copy()
+    step[:, 1] = np.logaddexp(step[:, 1], step[:, 0])
     step[:, 0] = -np.inf
     tok = step.argmax(-1)
     out[:, j] = np.where(done, 0, tok)
@@ -227,44 +229,58 @@ def test_cached_block_sampler_bad_inputs():
 # ---------------------------------------------------------------------------------------------
 # EOS rule on a hand-built denoiser
 # ---------------------------------------------------------------------------------------------
-def _pad_loving_denoise(z_BxL, t_B):
-  """PAD is the top choice everywhere; next: EOS at position 4, token 7 elsewhere (position 1
-  is the most confident, so the fill order is known)."""
+def _tail_padding_denoise(z_BxL, t_B):
+  """Slots 1-3: token 7 (p ~ 0.95); slots 4+: PAD (p ~ 0.99), the padding is the most confident."""
   b, length = z_BxL.shape
+  head = (jnp.arange(length) >= 1) & (jnp.arange(length) <= 3)
   logits = jnp.full((b, length, 10), -5.0)
-  logits = logits.at[:, :, 0].set(3.0)
-  logits = logits.at[:, :, 7].set(jnp.where(jnp.arange(length) == 1, 2.5, 1.0)[None])
-  logits = logits.at[:, 4, 7].set(-5.0).at[:, 4, 1].set(2.0)
-  return logits
+  logits = logits.at[:, :, 7].set(jnp.broadcast_to(jnp.where(head, 4.0, 1.0)[None], (b, length)))
+  return logits.at[:, :, 0].set(jnp.broadcast_to(jnp.where(head, 1.0, 6.0)[None], (b, length)))
 
 
-def test_eos_rule_never_fills_the_padding_first():
+def _one_prompt_token():
   tokens = np.zeros((1, 8), np.int32)
   tokens[0, 0] = 5
   fixed = np.zeros((1, 8), bool)
   fixed[0, 0] = True
-  for fn, kw in [(ds.confidence_threshold_sample, dict(threshold=0.99)),
+  return tokens, fixed
+
+
+def test_pad_mass_moves_to_eos_at_masked_slots():
+  logits = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 10))
+  masked = jnp.asarray([[True, False, True, True, False]] * 2)
+  got = jax.nn.softmax(ds._ban_pad(logits, masked, True), axis=-1)
+  p = jax.nn.softmax(logits, axis=-1)
+  m = np.asarray(masked)
+  np.testing.assert_allclose(np.asarray(got)[m][:, 1], np.asarray(p[..., 0] + p[..., 1])[m],
+                             rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(got)[m][:, 0], 0.0)
+  np.testing.assert_allclose(np.asarray(got)[~m], np.asarray(p)[~m], rtol=1e-6)
+
+
+def test_eos_rule_never_fills_the_padding_first():
+  tokens, fixed = _one_prompt_token()
+  for fn, kw in [(ds.confidence_threshold_sample, dict(threshold=0.9)),
                  (ds.low_confidence_remasking_sample, {})]:
-    out, stats = fn(_pad_loving_denoise, tokens, fixed, jax.random.PRNGKey(0), mask_id=9, **kw)
+    out, stats = fn(_tail_padding_denoise, tokens, fixed, jax.random.PRNGKey(0), mask_id=9, **kw)
     np.testing.assert_array_equal(np.asarray(out)[0], [5, 7, 7, 7, 1, 0, 0, 0])
     assert int(stats.real_tokens_B[0]) == 4
-    # without the rule the padding is committed first and nothing useful comes out
-    out, _ = fn(_pad_loving_denoise, tokens, fixed, jax.random.PRNGKey(0), mask_id=9,
-                eos_fill=False, **kw)
-    np.testing.assert_array_equal(np.asarray(out)[0], [5, 0, 0, 0, 0, 0, 0, 0])
+    # without the rule the output never ends with EOS
+    out, stats = fn(_tail_padding_denoise, tokens, fixed, jax.random.PRNGKey(0), mask_id=9,
+                    eos_fill=False, **kw)
+    np.testing.assert_array_equal(np.asarray(out)[0], [5, 7, 7, 7, 0, 0, 0, 0])
+  # ... and one token per step commits the padding first
+  np.testing.assert_array_equal(np.asarray(stats.commit_step_BxL)[0], [-1, 4, 5, 6, 0, 1, 2, 3])
 
 
 def test_eos_fill_commits_the_slots_after_eos_in_the_same_step():
-  tokens = np.zeros((1, 8), np.int32)
-  fixed = np.zeros((1, 8), bool)
-  fixed[0, 0] = True
-  # one token per step, most confident first: position 1 (7), then 4 (EOS) fills 5..7 with PAD
+  tokens, fixed = _one_prompt_token()
+  # one token per step, most confident first: EOS at slot 4 (PAD's mass) fills 5..7 with PAD
   out, stats = ds.low_confidence_remasking_sample(
-    _pad_loving_denoise, tokens, fixed, jax.random.PRNGKey(0), mask_id=9)
-  steps = np.asarray(stats.commit_step_BxL)[0]
-  assert steps[1] == 0 and steps[4] == 1
-  np.testing.assert_array_equal(steps[5:], [1, 1, 1])
-  assert int(stats.num_evals) == 4  # slots 1, 4, then 2 and 3
+    _tail_padding_denoise, tokens, fixed, jax.random.PRNGKey(0), mask_id=9)
+  np.testing.assert_array_equal(np.asarray(stats.commit_step_BxL)[0], [-1, 1, 2, 3, 0, 0, 0, 0])
+  assert int(stats.num_evals) == 4
+  np.testing.assert_array_equal(stats.row_evals_B, [4])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,7 +29,9 @@ the evaluations those rows needed), canvas slots per evaluation (24 per row, pad
 and wall seconds over the eval set (compile excluded; batched, rows in lockstep per block). The
 prompt prefill pass is counted in neither decoder's evaluations. AR: one cached step per
 generated token (K per token for a beam of K). Per-example outputs go to
-``<workdir>/predictions.jsonl``, the results to ``<workdir>/results.json``.
+``<workdir>/predictions_b<block_length>.jsonl``, the results to
+``<workdir>/results_b<block_length>.json``; checkpoints are reused when the script is rerun
+(subdirectories name the block length and adaptation settings).
 """
 
 import argparse
@@ -183,6 +185,8 @@ def main():
   ap.add_argument("--eval_examples", type=int, default=128)
   ap.add_argument("--batch_size", type=int, default=32)
   ap.add_argument("--resamples", type=int, default=1000)
+  ap.add_argument("--skip_scratch", action="store_true",
+                  help="only the AR and AR-initialized models (e.g. another block length)")
   ap.add_argument("--json", default="")
   a = ap.parse_args()
   adapt = a.adapt_steps or max(1, a.steps // 2)
@@ -191,7 +195,7 @@ def main():
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}", flush=True)
   block = dict(block_length=a.block_length)
   rows, info, per = [], {}, {}
-  out = open(os.path.join(a.workdir, "predictions.jsonl"), "w")
+  out = open(os.path.join(a.workdir, f"predictions_b{a.block_length}.jsonl"), "w")
 
   t0 = time.perf_counter()
   ar_state, ar_model, data = mle.run(_config("transformer", a.steps), os.path.join(a.workdir, "ar"))
@@ -202,16 +206,17 @@ def main():
   r, per["ar"] = ar_rows(ar_model, ar_state.params, data, examples, refs, a, out)
   rows += r
 
-  t0 = time.perf_counter()
-  cfg = _config("diffusion", a.steps + adapt, **block)
-  state, model, _ = mle.run(cfg, os.path.join(a.workdir, f"diffusion_scratch_b{a.block_length}"))
-  info["diffusion (scratch)"] = dict(steps=a.steps + adapt,
-                                     train_seconds=round(time.perf_counter() - t0, 1))
-  info["diffusion (scratch)"]["heldout_neg_elbo"] = heldout_loss(model, state.params, data,
-                                                                 examples, 32)
-  r, per["diffusion (scratch)"] = diffusion_rows("diffusion (scratch)", model, state.params,
-                                                 data, examples, refs, a, out)
-  rows += r
+  if not a.skip_scratch:
+    t0 = time.perf_counter()
+    cfg = _config("diffusion", a.steps + adapt, **block)
+    state, model, _ = mle.run(cfg, os.path.join(a.workdir, f"diffusion_scratch_b{a.block_length}"))
+    info["diffusion (scratch)"] = dict(steps=a.steps + adapt,
+                                       train_seconds=round(time.perf_counter() - t0, 1))
+    info["diffusion (scratch)"]["heldout_neg_elbo"] = heldout_loss(model, state.params, data,
+                                                                   examples, 32)
+    r, per["diffusion (scratch)"] = diffusion_rows("diffusion (scratch)", model, state.params,
+                                                   data, examples, refs, a, out)
+    rows += r
 
   t0 = time.perf_counter()
   cfg = _config("diffusion", adapt, shift=True, causal_prompt=True, **block)
@@ -252,7 +257,7 @@ def main():
   result = dict(rows=rows, models=info, comparisons=comparisons, steps=a.steps,
                 adapt_steps=adapt, anneal_steps=anneal, block_length=a.block_length,
                 eval_examples=len(examples))
-  with open(os.path.join(a.workdir, "results.json"), "w") as f:
+  with open(os.path.join(a.workdir, f"results_b{a.block_length}.json"), "w") as f:
     json.dump(result, f, indent=2)
   if a.json:
     with open(a.json, "w") as f:

@@ -2,8 +2,8 @@
 model trained from scratch and one adapted from the autoregressive model, next to that AR
 model's greedy and beam decoding, on the embedded stdlib_docstrings task.
 
-  python benchmarks/diffusion_quality.py --workdir=runs/bench_diffusion   # ~25 min, 2 CPUs
-  python benchmarks/diffusion_quality.py --steps=20 --eval_examples=16    # smoke, ~2 min
+  python benchmarks/diffusion_quality.py --workdir=runs/bench_diffusion   # ~17 min, 2 CPUs
+  python benchmarks/diffusion_quality.py --steps=20 --eval_examples=16 --workdir=/tmp/smoke  # ~3 min
 
 Models (the demo's default transformer size, ``slicjax.pipelines.demo`` preset ``default``):
 
@@ -198,7 +198,8 @@ def main():
   out = open(os.path.join(a.workdir, f"predictions_b{a.block_length}.jsonl"), "w")
 
   t0 = time.perf_counter()
-  ar_state, ar_model, data = mle.run(_config("transformer", a.steps), os.path.join(a.workdir, "ar"))
+  ar_state, ar_model, data = mle.run(_config("transformer", a.steps),
+                                     os.path.join(a.workdir, f"ar_s{a.steps}"))
   info["ar"] = dict(steps=a.steps, train_seconds=round(time.perf_counter() - t0, 1))
   examples = data.eval_examples[: a.eval_examples]
   refs = [data.detokenize(e["targets"]) for e in examples]
@@ -209,7 +210,8 @@ def main():
   if not a.skip_scratch:
     t0 = time.perf_counter()
     cfg = _config("diffusion", a.steps + adapt, **block)
-    state, model, _ = mle.run(cfg, os.path.join(a.workdir, f"diffusion_scratch_b{a.block_length}"))
+    sub = f"diffusion_scratch_b{a.block_length}_s{a.steps + adapt}"
+    state, model, _ = mle.run(cfg, os.path.join(a.workdir, sub))
     info["diffusion (scratch)"] = dict(steps=a.steps + adapt,
                                        train_seconds=round(time.perf_counter() - t0, 1))
     info["diffusion (scratch)"]["heldout_neg_elbo"] = heldout_loss(model, state.params, data,
@@ -221,7 +223,7 @@ def main():
   t0 = time.perf_counter()
   cfg = _config("diffusion", adapt, shift=True, causal_prompt=True, **block)
   cfg.optimizer.learning_rate = a.adapt_lr
-  sub = f"diffusion_ar_init_b{a.block_length}_a{adapt}_n{anneal}_lr{a.adapt_lr:g}"
+  sub = f"diffusion_ar_init_s{a.steps}_b{a.block_length}_a{adapt}_n{anneal}_lr{a.adapt_lr:g}"
   state, model, _ = diffusion_adapt.run(cfg, os.path.join(a.workdir, sub), ar_state.params,
                                         anneal_steps=anneal)
   info["diffusion (AR-init)"] = dict(steps=f"{a.steps} AR + {adapt} adaptation",

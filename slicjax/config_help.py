@@ -64,6 +64,12 @@ MODEL_DOCS = {
   "schedule": "Masking schedule: linear, cosine or polynomial[:k].",
   "num_elbo_samples": "Monte Carlo samples per ELBO estimate (the sequence log-likelihood).",
   "sampler_threshold": "Confidence threshold of the parallel sampler used for decoding.",
+  "sampler": "Diffusion commit rule when decoding: threshold, factor or topk (1 per step).",
+  "sampler_factor": "f of the factor rule: commit n with (n+1)(1-c_n) < f (Fast-dLLM).",
+  "block_length": "Block-causal diffusion: canvas blocks of this size, KV-cached; 0 = one block.",
+  "shift": "Slot j's logits read at position j-1, as an AR LM (for AR-initialized models).",
+  "causal_prompt": "Block-causal diffusion: the prompt attends causally, as in an AR model.",
+  "eos_fill": "Diffusion decoding: PAD's mass goes to EOS at masked slots; after EOS all PAD.",
 }
 
 DATA_DOCS = {

@@ -25,6 +25,17 @@ The denoiser interface used throughout: ``denoise_fn(params, z_BxL, t_B) -> logi
 (raw logits, before :func:`substitution_logits`). The backbones here take no time input
 (as in MDLM / LLaDA), which is what lets samplers reuse a denoiser output while z_t is unchanged.
 
+Block diffusion and AR adaptation (:class:`DiffusionLM` ``block_length`` / ``shift`` /
+``causal_prompt``): every position of a prefix-layout sequence gets a block id (prompt = block
+0, canvas slot j in block 1 + j // block_length) and a query attends to keys of its own and
+earlier blocks (:func:`block_ids`, :func:`block_causal_mask`). This one mask family spans the
+causal LM (block length 1) and the bidirectional canvas (one block), which is why it serves
+both adaptation from an autoregressive checkpoint (:func:`params_from_autoregressive`, with the
+AR "shift": slot j read at position j - 1, and :func:`anneal_mask` ramping from causal to the
+block mask) and exact KV caching of committed blocks during decoding (a block never sees later
+ones). References: Arriola et al., "Block Diffusion" (BD3-LM, 2025); Gong et al., DiffuLLaMA
+(2025); Nie et al., LLaDA (2025, semi-autoregressive blocks).
+
 ``−∞`` is represented by :data:`NEG_INF` (a finite −1e9: it underflows to probability 0 in
 float32 softmax, and products with zero weights stay finite).
 """
@@ -481,6 +492,67 @@ def prefix_layout(
   return tokens, scored.astype(jnp.int32)
 
 
+def prompt_lengths(target_mask_BxL: jax.Array) -> jax.Array:
+  """Prompt length s of each row of a :func:`prefix_layout` sequence: the first scored position
+  is s + 1 (after the prompt and BOS). Rows without scored positions get L - 1."""
+  scored = target_mask_BxL != 0
+  first = jnp.where(jnp.any(scored, axis=1), jnp.argmax(scored, axis=1), target_mask_BxL.shape[1])
+  return (first - 1).astype(jnp.int32)
+
+
+def block_ids(
+  prompt_len_B: jax.Array,
+  length: int,
+  *,
+  block_length: int,
+  shift: bool = False,
+  causal_prompt: bool = False,
+  canvas_len: int | None = None,
+) -> jax.Array:
+  """Block id of every position of a :func:`prefix_layout` sequence: ``[B, length]`` int32.
+
+  A query attends to the keys whose block id is ≤ its own (:func:`block_causal_mask`). With
+  ``n = s + 1`` (``shift=False``) or ``n = s`` (``shift=True``) for a prompt of s tokens,
+  position n + i is the one whose output gives canvas slot i's logits; positions
+  ``n .. n + canvas_len - 1`` get ``length + 1 + i // block_length`` (blocks of the canvas in
+  order), positions before n (the prompt, and BOS without shift) get 0 (bidirectional prompt)
+  or their own index (``causal_prompt``), positions after the canvas ``4 * length`` (seen by
+  no canvas or prompt position). ``block_length = 1`` with ``shift`` and ``causal_prompt`` is
+  exactly causal attention; one block of ``canvas_len`` is a bidirectional canvas.
+  """
+  if not isinstance(block_length, numbers.Integral) or block_length < 1:
+    raise ValueError(f"block_ids: block_length must be an int >= 1, got {block_length!r}.")
+  canvas_len = length if canvas_len is None else canvas_len
+  n_B = prompt_len_B.astype(jnp.int32) + (0 if shift else 1)
+  p = jnp.arange(length, dtype=jnp.int32)[None, :]
+  rel = p - n_B[:, None]
+  prompt = p if causal_prompt else jnp.zeros_like(p)
+  ids = jnp.where(rel < 0, prompt, length + 1 + jnp.maximum(rel, 0) // block_length)
+  return jnp.where(rel >= canvas_len, 4 * length, ids).astype(jnp.int32)
+
+
+def block_causal_mask(ids_BxL: jax.Array) -> jax.Array:
+  """``[B, L, L]`` boolean: query q sees key k iff ``ids[k] <= ids[q]``."""
+  return ids_BxL[:, None, :] <= ids_BxL[:, :, None]
+
+
+def anneal_mask(rng: jax.Array, final_BxLxL: jax.Array, p: jax.Array | float) -> jax.Array:
+  """Attention-mask annealing from causal to ``final_BxLxL`` (DiffuLLaMA).
+
+  Each (query, key) pair that ``final`` allows but the causal mask (k ≤ q) does not is allowed
+  with probability p (drawn independently per row and pair); p = 0 gives ``final ∧ causal``,
+  p = 1 gives ``final``. Ramp p linearly from 0 to 1 over the first adaptation steps.
+
+  Reference: Gong et al., "Scaling Diffusion Language Models via Adaptation from
+  Autoregressive Models" (DiffuLLaMA, 2025).
+  """
+  length = final_BxLxL.shape[-1]
+  idx = jnp.arange(length)
+  causal = idx[None, :] <= idx[:, None]
+  open_ = jax.random.uniform(rng, final_BxLxL.shape) < p
+  return final_BxLxL & (causal[None] | open_)
+
+
 @dataclasses.dataclass(frozen=True)
 class DiffusionLM:
   """A masked diffusion LM: any bidirectional backbone plus the process above.
@@ -495,12 +567,33 @@ class DiffusionLM:
     vocab_size: the backbone's output vocabulary (tokenizer vocabulary + 1 for [MASK]).
     mask_id: the [MASK] id; ``None`` means ``vocab_size - 1``.
     schedule: masking schedule used by :meth:`loss` and :meth:`logprob`.
+    block_length: ``None``: every position attends to every other (the original model).
+      An int: block-causal attention over a :func:`prefix_layout` sequence (:func:`block_ids`:
+      the prompt is block 0, canvas slot j is in block 1 + j // block_length, a query sees its
+      own and earlier blocks; the backbone must accept ``attention_mask_BxLxL``, as
+      ``TransformerLM`` does). Committed blocks then never depend on later ones, so their keys
+      and values can be cached exactly while later blocks are decoded
+      (:func:`slicjax.decoding.diffusion_sampling.cached_block_sample`).
+    shift: read slot j's logits from the backbone output at position j - 1, as an
+      autoregressive LM predicts token j there (DiffuLLaMA / Dream); use it for a denoiser
+      initialised from an AR checkpoint (:func:`params_from_autoregressive`). Position 0 must
+      not be generated (the prefix layout puts BOS before the canvas).
+    causal_prompt: with ``block_length``, the prompt attends causally (as in the AR model it
+      came from) instead of bidirectionally.
+
+  Block-causal attention is the one mechanism behind AR adaptation and cached block decoding:
+  block length 1 with ``shift`` and ``causal_prompt`` is exactly the causal LM, one block over
+  the canvas is a bidirectional canvas; the attention mask is annealed between them during
+  adaptation (:func:`anneal_mask`).
   """
 
   backbone: nn.Module
   vocab_size: int
   mask_id: int | None = None
   schedule: MaskingSchedule | str = "linear"
+  block_length: int | None = None
+  shift: bool = False
+  causal_prompt: bool = False
 
   def __post_init__(self):
     if self.mask_id is None:
@@ -512,16 +605,40 @@ class DiffusionLM:
         "bos 2, unk 3); use a dedicated id such as vocab_size - 1."
       )
     object.__setattr__(self, "schedule", as_schedule(self.schedule))
+    if self.block_length is not None and (
+      not isinstance(self.block_length, numbers.Integral) or self.block_length < 1
+    ):
+      raise ValueError(
+        f"DiffusionLM: block_length must be None (fully bidirectional) or an int >= 1, got "
+        f"{self.block_length!r}."
+      )
+
+  def final_mask(self, target_mask_BxL, canvas_len=None) -> jax.Array | None:
+    """The trained attention mask ``[B, L, L]`` for a prefix-layout batch (``None`` = every
+    position sees every other)."""
+    if self.block_length is None:
+      return None
+    ids = block_ids(
+      prompt_lengths(target_mask_BxL), target_mask_BxL.shape[1], block_length=self.block_length,
+      shift=self.shift, causal_prompt=self.causal_prompt, canvas_len=canvas_len,
+    )
+    return block_causal_mask(ids)
 
   def init(self, rng: jax.Array, length: int = 8, batch_size: int = 1):
     z = jnp.full((batch_size, length), self.mask_id, jnp.int32)
     return nn.unbox(self.backbone.init(rng, z))["params"]
 
-  def raw_logits(self, params, z_BxL, *, deterministic: bool = True, rngs=None) -> jax.Array:
-    """Backbone logits ``[B, L, V]`` on z (before the substitution parameterization)."""
+  def raw_logits(
+    self, params, z_BxL, *, deterministic: bool = True, rngs=None, attention_mask_BxLxL=None
+  ) -> jax.Array:
+    """Backbone logits ``[B, L, V]`` on z (before the substitution parameterization).
+
+    ``attention_mask_BxLxL`` (from :meth:`final_mask` / :func:`anneal_mask`) is passed to the
+    backbone when given; with ``shift`` slot j's logits are the backbone's at j - 1."""
     _check_tokens("DiffusionLM", z_BxL)
     b, length = z_BxL.shape
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32)[None, :], (b, length))
+    extra = {} if attention_mask_BxLxL is None else {"attention_mask_BxLxL": attention_mask_BxLxL}
     logits = self.backbone.apply(
       {"params": params},
       z_BxL,
@@ -529,7 +646,10 @@ class DiffusionLM:
       segment_ids_BxL=jnp.ones((b, length), jnp.int32),
       deterministic=deterministic,
       rngs=rngs,
+      **extra,
     )
+    if self.shift:
+      logits = jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
     if logits.shape != (b, length, self.vocab_size):
       raise ValueError(
         f"DiffusionLM: backbone returned {logits.shape}, expected {(b, length, self.vocab_size)};"
@@ -537,33 +657,99 @@ class DiffusionLM:
       )
     return logits
 
-  def denoise_fn(self, params, z_BxL: jax.Array, t_B: jax.Array) -> jax.Array:
+  def denoise_fn(self, params, z_BxL: jax.Array, t_B: jax.Array, mask_BxLxL=None) -> jax.Array:
     """The ``denoise_fn(params, z_BxL, t_B) -> logits_BxLxV`` contract (t is ignored)."""
     del t_B
-    return self.raw_logits(params, z_BxL)
+    return self.raw_logits(params, z_BxL, attention_mask_BxLxL=mask_BxLxL)
 
-  def denoiser(self, params) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """``denoise(z_BxL, t_B) -> logits_BxLxV`` with params closed over, for the samplers."""
-    return lambda z_BxL, t_B: self.denoise_fn(params, z_BxL, t_B)
+  def _masked_denoise_fn(self, target_mask_BxL, canvas_len):
+    mask = self.final_mask(target_mask_BxL, canvas_len)
+    return lambda params, z_BxL, t_B: self.denoise_fn(params, z_BxL, t_B, mask)
 
-  def loss(self, params, x_BxL, target_mask_BxL, rng, *, deterministic=True, dropout_rng=None):
-    """Training loss: one-sample −ELBO per row, t stratified over the batch (MD4): ``[B]``."""
+  def denoiser(
+    self, params, target_mask_BxL=None, canvas_len=None
+  ) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """``denoise(z_BxL, t_B) -> logits_BxLxV`` with params closed over, for the samplers.
+
+    A block-causal model (``block_length``) needs the layout's ``target_mask_BxL`` (1 on the
+    canvas) to place its blocks."""
+    if self.block_length is not None and target_mask_BxL is None:
+      raise ValueError(
+        "DiffusionLM.denoiser: a block-causal model (block_length set) needs target_mask_BxL "
+        "(the prefix layout's canvas flags) to place its blocks; pass it."
+      )
+    mask = None if target_mask_BxL is None else self.final_mask(target_mask_BxL, canvas_len)
+    return lambda z_BxL, t_B: self.denoise_fn(params, z_BxL, t_B, mask)
+
+  def loss(
+    self, params, x_BxL, target_mask_BxL, rng, *, deterministic=True, dropout_rng=None,
+    canvas_len=None, anneal_p=None,
+  ):
+    """Training loss: one-sample −ELBO per row, t stratified over the batch (MD4): ``[B]``.
+
+    ``anneal_p`` (a scalar in [0, 1], or None): attention-mask annealing from causal to the
+    final mask (:func:`anneal_mask`), for adapting an autoregressive checkpoint."""
     _check_tokens("DiffusionLM.loss", x_BxL, target_mask_BxL)
     k_t, k_m = jax.random.split(rng)
+    k_a = jax.random.fold_in(rng, 1)
     t_B = sample_times(k_t, 1, x_BxL.shape[0])[0]
     opts = dict(schedule=self.schedule, mask_id=self.mask_id)
     z, _ = forward_mask(k_m, x_BxL, t_B, target_mask_BxL=target_mask_BxL, **opts)
     rngs = None if dropout_rng is None else {"dropout": dropout_rng}
-    logits = self.raw_logits(params, z, deterministic=deterministic, rngs=rngs)
+    mask = self.final_mask(target_mask_BxL, canvas_len)
+    if anneal_p is not None:
+      if mask is None:
+        b, length = x_BxL.shape
+        mask = jnp.ones((b, length, length), bool)
+      mask = anneal_mask(k_a, mask, anneal_p)
+    logits = self.raw_logits(
+      params, z, deterministic=deterministic, rngs=rngs, attention_mask_BxLxL=mask
+    )
     return diffusion_loss(logits, x_BxL, z, t_B, **opts)
 
-  def logprob(self, params, x_BxL, target_mask_BxL, rng, *, num_samples=8, **kw) -> jax.Array:
+  def logprob(
+    self, params, x_BxL, target_mask_BxL, rng, *, num_samples=8, canvas_len=None, **kw
+  ) -> jax.Array:
     """:func:`elbo_logprob` with this model's denoiser, schedule and mask id."""
     kw = {"schedule": self.schedule, **kw, "num_samples": num_samples, "mask_id": self.mask_id}
-    return elbo_logprob(self.denoise_fn, params, x_BxL, target_mask_BxL, rng, **kw)
+    fn = self._masked_denoise_fn(target_mask_BxL, canvas_len)
+    return elbo_logprob(fn, params, x_BxL, target_mask_BxL, rng, **kw)
 
-  def paired_logprob(self, params_policy, params_ref, x_BxL, target_mask_BxL, rng, **kw):
+  def paired_logprob(
+    self, params_policy, params_ref, x_BxL, target_mask_BxL, rng, *, canvas_len=None, **kw
+  ):
     """:func:`paired_elbo_logprob` with this model's denoiser, schedule and mask id."""
     kw = {"schedule": self.schedule, "num_samples": 8, **kw, "mask_id": self.mask_id}
     args = (params_policy, params_ref, x_BxL, target_mask_BxL, rng)
-    return paired_elbo_logprob(self.denoise_fn, *args, **kw)
+    fn = self._masked_denoise_fn(target_mask_BxL, canvas_len)
+    return paired_elbo_logprob(fn, *args, **kw)
+
+
+def params_from_autoregressive(ar_params, mask_row: str = "mean"):
+  """Diffusion-LM parameters from an autoregressive ``TransformerLM`` checkpoint of the same
+  architecture: the token embedding ``[V, D]`` gains the [MASK] row (id V, the diffusion
+  model's ``mask_id``): the mean embedding (``mask_row="mean"``) or zeros (``"zeros"``); an
+  untied output head ``[D, V]`` gains a zero column (the [MASK] logit is −∞ under the
+  substitution parameterization, so its value never matters). Everything else is copied.
+  Build the diffusion model with the AR model's config (``vocab_size`` = the tokenizer's, one
+  id is added), ``shift=True`` and, to start from the AR model's exact function,
+  ``causal_prompt=True`` (see :class:`DiffusionLM`)."""
+  if mask_row not in ("mean", "zeros"):
+    raise ValueError(f"mask_row must be 'mean' or 'zeros', got {mask_row!r}.")
+  p = jax.tree.map(lambda x: x, dict(ar_params))
+  if "token_embed" not in p or "embedding" not in p["token_embed"]:
+    raise ValueError(
+      "params_from_autoregressive: no token_embed/embedding in the parameters; pass the params "
+      "of a decoder-only TransformerLM (unboxed, unscanned or scanned)."
+    )
+  emb_VxD = p["token_embed"]["embedding"]
+  row = jnp.mean(emb_VxD, axis=0, keepdims=True) if mask_row == "mean" else jnp.zeros_like(
+    emb_VxD[:1]
+  )
+  p["token_embed"] = {**p["token_embed"], "embedding": jnp.concatenate([emb_VxD, row], axis=0)}
+  head = p.get("head", {}).get("lm_head")
+  if head is not None:
+    kernel_DxV = head["kernel"]
+    new = jnp.concatenate([kernel_DxV, jnp.zeros_like(kernel_DxV[:, :1])], axis=1)
+    p["head"] = {**p["head"], "lm_head": {**head, "kernel": new}}
+  return p

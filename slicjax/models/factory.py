@@ -46,7 +46,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # The keys of ``family="diffusion"`` besides the transformer's (``diffusion_seq.ADAPTER_KEYS``).
 DIFFUSION_KEY_TYPES: dict[str, type] = dict(schedule=str, num_elbo_samples=int,
-                                            sampler_threshold=float)
+                                            sampler_threshold=float, sampler=str,
+                                            sampler_factor=float, block_length=int, shift=bool,
+                                            causal_prompt=bool, eos_fill=bool)
 
 
 def _field_types(cls) -> dict[str, type]:
@@ -114,7 +116,9 @@ def resolved_defaults(family: str = "transformer", preset: str | None = None) ->
   if family == "diffusion":
     ds = {f.name: f.default for f in dataclasses.fields(diffusion_seq.DiffusionSeq2Seq)}
     out.update(schedule="linear", num_elbo_samples=ds["num_elbo_samples"],
-               sampler_threshold=ds["sampler_threshold"], causal=False)
+               sampler_threshold=ds["sampler_threshold"], sampler=ds["sampler"],
+               sampler_factor=ds["sampler_factor"], eos_fill=ds["eos_fill"], block_length=0,
+               shift=False, causal_prompt=False, causal=False)
   return {**out, **PRESETS.get(preset, {})}
 
 

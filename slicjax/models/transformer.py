@@ -172,6 +172,26 @@ def _segment_mask(q_seg_BxQ, k_seg_BxK):
   return (q_seg_BxQ[:, :, None] == k_seg_BxK[:, None, :]) & (k_seg_BxK[:, None, :] != 0)
 
 
+def _chunk_decode_mask(chunk_mask_BxQxQ, start_B, max_len):
+  """Decode-mode self-attention mask ``[B, Q, max_len]`` of a chunk of Q tokens written at slots
+  ``start_B .. start_B + Q - 1``: every slot before ``start_B`` (the cache) is visible, slots of
+  the chunk follow ``chunk_mask_BxQxQ``, later slots are hidden."""
+  b, q = chunk_mask_BxQxQ.shape[0], chunk_mask_BxQxQ.shape[1]
+  if chunk_mask_BxQxQ.shape != (b, q, q) or start_B.shape != (b,):
+    raise ValueError(
+      f"decode attention_mask_BxLxL has shape {chunk_mask_BxQxQ.shape}; expected [B, L, L] for "
+      f"the L tokens of the call with B = {start_B.shape[0]} cache rows."
+    )
+  slots = jnp.arange(max_len)
+  rel_BxS = slots[None, :] - start_B[:, None]  # slot index inside the chunk
+  in_chunk = (rel_BxS >= 0) & (rel_BxS < q)
+  chunk = jnp.take_along_axis(
+    chunk_mask_BxQxQ.astype(bool), jnp.broadcast_to(jnp.clip(rel_BxS, 0, q - 1)[:, None, :],
+                                                    (b, q, max_len)), axis=2,
+  )
+  return jnp.where(in_chunk[:, None, :], chunk, (rel_BxS < 0)[:, None, :])
+
+
 def cross_attention_mask(decoder_segment_ids_BxL, encoder_segment_ids_BxS, *, decode: bool):
   """``[B, L, S]`` cross-attention mask. Training: decoder segment k reads encoder segment k
   (packing) and never padding; decoding (one continuing sequence per row): every non-padding
@@ -195,8 +215,12 @@ class Stack(nn.Module):
   @nn.compact
   def __call__(
     self, tokens_BxL, positions_BxL, segment_ids_BxL, encoded=None, cross_mask=None, *,
-    decode=False, deterministic=True,
+    decode=False, deterministic=True, attention_mask_BxLxL=None,
   ):
+    """``attention_mask_BxLxL`` (optional, boolean): which tokens of this call each token of this
+    call attends to, replacing the causal rule; training mode still ANDs the segment mask.
+    In decode mode every cached slot before the call's first position stays visible, so a chunk
+    of L tokens can run block-causally or bidirectionally against a KV cache."""
     cfg = self.cfg
     b, length = tokens_BxL.shape
     if not decode and length > cfg.max_len:
@@ -214,12 +238,21 @@ class Stack(nn.Module):
       q_pos = start_B[:, None] + jnp.arange(length)[None, :]
       slots = jnp.arange(cfg.max_len)
       self_mask = slots[None, None, :] <= q_pos[:, :, None]
+      if attention_mask_BxLxL is not None:
+        self_mask = _chunk_decode_mask(attention_mask_BxLxL, start_B, cfg.max_len)
       k_pos = jnp.broadcast_to(slots[None, :], (b, cfg.max_len))
     else:
       q_pos = positions_BxL
       k_pos = positions_BxL
       self_mask = _segment_mask(segment_ids_BxL, segment_ids_BxL)
-      if self.causal:
+      if attention_mask_BxLxL is not None:
+        if attention_mask_BxLxL.shape != (b, length, length):
+          raise ValueError(
+            f"attention_mask_BxLxL has shape {attention_mask_BxLxL.shape}, expected "
+            f"{(b, length, length)} (one [L, L] boolean mask per row of tokens)."
+          )
+        self_mask = self_mask & attention_mask_BxLxL.astype(bool)
+      elif self.causal:
         idx = jnp.arange(length)
         self_mask = self_mask & (idx[None, None, :] <= idx[None, :, None])
     if cfg.position == "learned":
@@ -384,23 +417,28 @@ class TransformerLM(nn.Module):
 
   def __call__(
     self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, decode=False, deterministic=True,
-    return_hidden=False,
+    return_hidden=False, attention_mask_BxLxL=None,
   ):
     h = self.hidden_states(tokens_BxL, positions_BxL, segment_ids_BxL, decode=decode,
-                           deterministic=deterministic)
+                           deterministic=deterministic, attention_mask_BxLxL=attention_mask_BxLxL)
     logits = self.head(h, self.embed)
     return (logits, h) if return_hidden else logits
 
   def hidden_states(
-    self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, decode=False, deterministic=True
+    self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, decode=False, deterministic=True,
+    attention_mask_BxLxL=None,
   ):
-    """The decoder's final states ``[B, L, D]``, before the vocabulary projection."""
+    """The decoder's final states ``[B, L, D]``, before the vocabulary projection.
+
+    ``attention_mask_BxLxL``: an explicit boolean self-attention mask replacing the causal /
+    bidirectional rule (block-causal diffusion); see :class:`Stack`."""
     if segment_ids_BxL is None:
       segment_ids_BxL = jnp.ones(tokens_BxL.shape, jnp.int32)
     if positions_BxL is None:
       positions_BxL = _default_positions(segment_ids_BxL)
     return self.decoder(
-      tokens_BxL, positions_BxL, segment_ids_BxL, decode=decode, deterministic=deterministic
+      tokens_BxL, positions_BxL, segment_ids_BxL, decode=decode, deterministic=deterministic,
+      attention_mask_BxLxL=attention_mask_BxLxL,
     )
 
   def logits_from_hidden(self, h_BxLxD):

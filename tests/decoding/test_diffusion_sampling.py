@@ -33,7 +33,9 @@ def _compiled(sampler, denoise, kw_items):
 
 
 def run(sampler, tokens, fixed, key=0, denoise=random_denoise, **kw):
-  """The sampler under jit (one compilation per sampler, denoiser and options)."""
+  """The sampler under jit (one compilation per sampler, denoiser and options). The EOS rule
+  is off unless asked for: these tests check the commit rules on every token id."""
+  kw.setdefault("eos_fill", False)
   fn = _compiled(sampler, denoise, tuple(sorted(kw.items())))
   tokens, stats = fn(jnp.asarray(tokens), jnp.asarray(fixed), jax.random.PRNGKey(key))
   return np.asarray(tokens), jax.tree.map(np.asarray, stats)
@@ -107,6 +109,11 @@ def expected_commits(rule, masked, conf, gen_idx, kw, llada_state):
   best = max(window, key=lambda i: (conf[i], -i))
   if rule == "threshold":
     return {i for i in window if conf[i] >= kw["threshold"]} | {best}
+  if rule == "factor":  # the largest n with (n + 1)(1 - c_(n)) < f, at least one
+    ranked = sorted(window, key=lambda i: (-conf[i], i))
+    n = max([j for j in range(1, len(ranked) + 1)
+             if (j + 1) * (1 - conf[ranked[j - 1]]) < kw["factor"]], default=1)
+    return set(ranked[:n])
   # low-confidence remasking: k = ceil(masks left in block / steps left in block)
   spb = kw.get("steps_per_block") or block
   blk = g0 // block
@@ -130,6 +137,8 @@ RULES = {
   ),
   "threshold_one_block": (ds.confidence_threshold_sample, "threshold", dict(threshold=0.7)),
   "prefix": (ds.confident_prefix_sample, "prefix", dict(threshold=0.55, block_length=3)),
+  "factor_blocks": (ds.confidence_factor_sample, "factor", dict(factor=1.2, block_length=4)),
+  "factor_one_block": (ds.confidence_factor_sample, "factor", dict(factor=1.5)),
 }
 
 

@@ -24,10 +24,11 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
-from slicjax import optim, scoring, training
+from slicjax import scoring
 from slicjax.models import diffusion
-from slicjax.pipelines import common, mle, tasks, validation
+from slicjax.pipelines import common, mle
 
 
 def annealed_loss_fn(model, anneal_steps: int):
@@ -66,13 +67,9 @@ def _check_shapes(converted, abstract):
 
 def run(config, workdir: str, ar_params, *, anneal_steps: int, mask_row: str = "mean",
         on_log=None):
-  """Trains ``config.model`` (a diffusion model) from ``ar_params``; returns
-  ``(state, model, data)`` like :func:`slicjax.pipelines.mle.run`."""
-  t = mle.train_config(config)
-  validation.optimizer(config)
-  workdir = common.prepare_workdir(workdir, config)
-  mesh = common.make_mesh(config)
-  data = tasks.load(config, batch_size=t["batch_size"], seed=t["seed"], mesh=mesh)
+  """Trains ``config.model`` (a diffusion model) from ``ar_params`` with the MLE loop
+  (:func:`slicjax.pipelines.mle.run`, no periodic validation); returns ``(state, model, data)``
+  like it."""
   model = common.model_from(config)
   if model.family != "diffusion":
     raise ValueError(f"AR-to-diffusion adaptation needs model.family='diffusion', got "
@@ -81,23 +78,10 @@ def run(config, workdir: str, ar_params, *, anneal_steps: int, mask_row: str = "
     raise ValueError("AR-to-diffusion adaptation does not support relative position biases (a "
                      "causal model's buckets are one-sided); use rope, learned or none.")
   params = diffusion.params_from_autoregressive(ar_params, mask_row=mask_row)
-  init = model.init_fn(input_len=data.input_len, target_len=data.target_len)
-  abstract = jax.eval_shape(lambda r: nn.unbox(init(r))["params"], jax.random.PRNGKey(0))
+  abstract = jax.eval_shape(lambda r: nn.unbox(model.init_fn()(r))["params"],
+                            jax.random.PRNGKey(0))
   _check_shapes(params, abstract)
-  tx, schedule = optim.make_optimizer(common.to_dict(config.get("optimizer")), t["steps"])
-  state, state_sh = training.create_train_state(
-    model, tx, mesh, jax.random.PRNGKey(t["seed"]), params=params,
-    init_kwargs=dict(input_len=data.input_len, target_len=data.target_len),
-  )
-  train_step = training.make_train_step(annealed_loss_fn(model, anneal_steps), tx, mesh,
-                                        state_sh, schedule)
-  state = training.train(
-    state=state, state_shardings=state_sh, train_step=train_step, train_iter=data.train_iter(),
-    mesh=mesh, workdir=workdir, eval_fn=None, on_log=on_log,
-    loop=training.LoopConfig(
-      steps=t["steps"], log_every=t["log_every"], eval_every=0,
-      checkpoint_every=t["checkpoint_every"], keep_checkpoints=t["keep_checkpoints"],
-      progress=t["progress"],
-    ),
-  )
-  return state, model, data
+  config = ml_collections.ConfigDict(common.to_dict(config))
+  config.train = {**common.to_dict(config.get("train")), "eval_every": 0}
+  return mle.run(config, workdir, on_log=on_log, init_params=params,
+                 loss_fn=annealed_loss_fn(model, anneal_steps))

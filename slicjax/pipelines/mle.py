@@ -57,8 +57,12 @@ def _keeping_best(eval_fn, keeper):
   return fn
 
 
-def run(config, workdir: str, *, on_log=None):
-  """Trains ``config.model`` with MLE on ``config.data``; returns ``(state, model, data)``."""
+def run(config, workdir: str, *, on_log=None, init_params=None, loss_fn=None):
+  """Trains ``config.model`` with MLE on ``config.data``; returns ``(state, model, data)``.
+
+  ``init_params`` (instead of a random or pretrained init) and ``loss_fn`` (instead of the
+  token cross-entropy / −ELBO) let adaptations reuse this loop, e.g.
+  :func:`slicjax.pipelines.diffusion_adapt.run`."""
   t = train_config(config)
   validation.optimizer(config)
   workdir = common.prepare_workdir(workdir, config)
@@ -76,13 +80,18 @@ def run(config, workdir: str, *, on_log=None):
     )
   pre = common.pretrained(config)
   params = pre[1] if pre is not None else None  # fine-tune the pretrained weights
+  if init_params is not None:
+    params = init_params
   model, params = common.maybe_lora(config, model, params, t["seed"])
   tx, schedule = optim.make_optimizer(common.to_dict(config.get("optimizer")), t["steps"])
   state, state_sh = training.create_train_state(
     model, tx, mesh, jax.random.PRNGKey(t["seed"]), params=params,
     init_kwargs=dict(input_len=data.input_len, target_len=data.target_len),
   )
-  loss_fn = training.mle_loss_fn(model, label_smoothing=t["label_smoothing"], z_loss=t["z_loss"])
+  if loss_fn is None:
+    loss_fn = training.mle_loss_fn(
+      model, label_smoothing=t["label_smoothing"], z_loss=t["z_loss"]
+    )
   train_step = training.make_train_step(loss_fn, tx, mesh, state_sh, schedule)
   eval_fn = None
   if t["eval_every"]:

@@ -207,18 +207,19 @@ def main():
   r, per["ar"] = ar_rows(ar_model, ar_state.params, data, examples, refs, a, out)
   rows += r
 
+  def measure(name, model, state, t0, **settings):
+    """Training facts, held-out −ELBO and the sampler rows of one diffusion model."""
+    info[name] = dict(settings, train_seconds=round(time.perf_counter() - t0, 1))
+    info[name]["heldout_neg_elbo"] = heldout_loss(model, state.params, data, examples, 32)
+    r, per[name] = diffusion_rows(name, model, state.params, data, examples, refs, a, out)
+    return r
+
   if not a.skip_scratch:
     t0 = time.perf_counter()
     cfg = _config("diffusion", a.steps + adapt, **block)
     sub = f"diffusion_scratch_b{a.block_length}_s{a.steps + adapt}"
     state, model, _ = mle.run(cfg, os.path.join(a.workdir, sub))
-    info["diffusion (scratch)"] = dict(steps=a.steps + adapt,
-                                       train_seconds=round(time.perf_counter() - t0, 1))
-    info["diffusion (scratch)"]["heldout_neg_elbo"] = heldout_loss(model, state.params, data,
-                                                                   examples, 32)
-    r, per["diffusion (scratch)"] = diffusion_rows("diffusion (scratch)", model, state.params,
-                                                   data, examples, refs, a, out)
-    rows += r
+    rows += measure("diffusion (scratch)", model, state, t0, steps=a.steps + adapt)
 
   t0 = time.perf_counter()
   cfg = _config("diffusion", adapt, shift=True, causal_prompt=True, **block)
@@ -226,14 +227,9 @@ def main():
   sub = f"diffusion_ar_init_s{a.steps}_b{a.block_length}_a{adapt}_n{anneal}_lr{a.adapt_lr:g}"
   state, model, _ = diffusion_adapt.run(cfg, os.path.join(a.workdir, sub), ar_state.params,
                                         anneal_steps=anneal)
-  info["diffusion (AR-init)"] = dict(steps=f"{a.steps} AR + {adapt} adaptation",
-                                     anneal_steps=anneal, adapt_lr=a.adapt_lr,
-                                     train_seconds=round(time.perf_counter() - t0, 1))
-  info["diffusion (AR-init)"]["heldout_neg_elbo"] = heldout_loss(model, state.params, data,
-                                                                 examples, 32)
-  r, per["diffusion (AR-init)"] = diffusion_rows("diffusion (AR-init)", model, state.params,
-                                                 data, examples, refs, a, out)
-  rows += r
+  rows += measure("diffusion (AR-init)", model, state, t0,
+                  steps=f"{a.steps} AR + {adapt} adaptation", anneal_steps=anneal,
+                  adapt_lr=a.adapt_lr)
   out.close()
 
   # AR-init vs the AR model it started from (paired over examples)

@@ -29,9 +29,10 @@ the evaluations those rows needed), canvas slots per evaluation (24 per row, pad
 and wall seconds over the eval set (compile excluded; batched, rows in lockstep per block). The
 prompt prefill pass is counted in neither decoder's evaluations. AR: one cached step per
 generated token (K per token for a beam of K). Per-example outputs go to
-``<workdir>/predictions_b<block_length>.jsonl``, the results to
-``<workdir>/results_b<block_length>.json``; checkpoints are reused when the script is rerun
-(subdirectories name the block length and adaptation settings).
+``<workdir>/predictions_<tag>.jsonl``, the results to ``<workdir>/results_<tag>.json``, with
+``<tag> = b<block_length>_a<adapt_steps>_n<anneal_steps>_lr<adapt_lr>``; checkpoints are
+reused when the script is rerun (subdirectories name the block length and adaptation
+settings).
 """
 
 import argparse
@@ -195,7 +196,8 @@ def main():
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}", flush=True)
   block = dict(block_length=a.block_length)
   rows, info, per = [], {}, {}
-  out = open(os.path.join(a.workdir, f"predictions_b{a.block_length}.jsonl"), "w")
+  tag = f"b{a.block_length}_a{adapt}_n{anneal}_lr{a.adapt_lr:g}"  # names this run's outputs
+  out = open(os.path.join(a.workdir, f"predictions_{tag}.jsonl"), "w")
 
   t0 = time.perf_counter()
   ar_state, ar_model, data = mle.run(_config("transformer", a.steps),
@@ -255,7 +257,7 @@ def main():
   result = dict(rows=rows, models=info, comparisons=comparisons, steps=a.steps,
                 adapt_steps=adapt, anneal_steps=anneal, block_length=a.block_length,
                 eval_examples=len(examples))
-  with open(os.path.join(a.workdir, f"results_b{a.block_length}.json"), "w") as f:
+  with open(os.path.join(a.workdir, f"results_{tag}.json"), "w") as f:
     json.dump(result, f, indent=2)
   if a.json:
     with open(a.json, "w") as f:

@@ -7,7 +7,11 @@ synthetic-gold experiment comparing them.
       --config.preference.pair_source=rso-sample-rank --config.preference.pairs=runs/pairs_rso \
       --workdir=runs/hinge_rso
   python experiments/train_preference.py --experiment=smoke --workdir=runs/gold_smoke
+  python experiments/train_preference.py --experiment=default --reward_only \
+      --set=human.num_samples=4 --set=reward.eval_every=25 --workdir=runs/gold_rm
 """
+
+import ast
 
 from absl import flags
 
@@ -22,6 +26,14 @@ _EXPERIMENT = flags.DEFINE_enum(
   sorted(gold_experiment.EXPERIMENT_PRESETS),
   "Run the synthetic-gold experiment with this preset instead (--config is then unused).",
 )
+_SET = flags.DEFINE_multi_string(
+  "set", [], "--experiment only: override one experiment config key, e.g. --set=reward.steps=200 "
+  "(the value is a Python literal; a bare word is a string). Repeatable."
+)
+_REWARD_ONLY = flags.DEFINE_bool(
+  "reward_only", False, "--experiment only: stop after the proxy reward model (SFT, 'human' "
+  "pairs, reward model) and write reward_report.md."
+)
 distributed.define_flags()
 
 
@@ -29,9 +41,15 @@ def main(argv):
   del argv
   distributed.initialize_from_flags()
   if _EXPERIMENT.value:
-    out = gold_experiment.synthetic_gold_experiment(None, _WORKDIR.value, _EXPERIMENT.value)
+    out = gold_experiment.synthetic_gold_experiment(
+      experiment_overrides(_SET.value) or None, _WORKDIR.value, _EXPERIMENT.value,
+      reward_only=_REWARD_ONLY.value,
+    )
     print(f"report: {out['report']}")
     return
+  if _SET.value or _REWARD_ONLY.value:
+    raise ValueError("--set and --reward_only apply to --experiment; for a preference job use "
+                     "--config.<section>.<key>=value.")
   # SIGTERM: checkpoint, exit 75 (slicjax.cli)
   _, summary = preference.train_preference(_CONFIG.value, _WORKDIR.value)
   b, a = summary["before"], summary["after"]
@@ -42,11 +60,25 @@ def main(argv):
   )
 
 
+def experiment_overrides(items) -> dict:
+  """``["a.b=1", "c.d=x"]`` -> ``{"a.b": 1, "c.d": "x"}`` (values parsed as Python literals)."""
+  out = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep or "." not in key:
+      raise ValueError(f"--set={item!r}: expected section.key=value, e.g. --set=reward.steps=200.")
+    try:
+      out[key.strip()] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[key.strip()] = value
+  return out
+
+
 def _describe():
   if _EXPERIMENT.value:
     return config_help.describe(
       gold_experiment.experiment_config(_EXPERIMENT.value),
-      title=f"Config of --experiment={_EXPERIMENT.value} (not settable from the command line):",
+      title=f"Config of --experiment={_EXPERIMENT.value} (override with --set=section.key=value):",
       prefix="",
     )
   return cli.help_text(config=_CONFIG)

@@ -210,6 +210,8 @@ REWARD_DOCS = {
   "steps": "Training steps.",
   "batch_size": "Pairs per step.",
   "eval_fraction": "Fraction of prompts held out for the pair-accuracy report.",
+  "eval_every": "Steps between held-out checks; keeps the best step, chosen on half the "
+  "held-out prompts and reported on the other half (0 = last step).",
   "log_every": "Steps between metric lines.",
   "checkpoint_every": "Steps between checkpoints.",
   "keep_checkpoints": "Checkpoints kept on disk.",
@@ -268,7 +270,9 @@ PREFERENCE_DOCS = {
 HUMAN_DOCS = {
   "policy_steps": "SFT steps of the early snapshot that writes the 'human' pairs.",
   "num_prompts": "Prompts with a 'human' pair.",
-  "temperature": "Sampling temperature of the two 'human' samples.",
+  "num_samples": "Samples per prompt; the pair is the gold-best vs the gold-worst.",
+  "min_gold_gap": "Drop pairs whose gold rewards differ by less (0 = keep all).",
+  "temperature": "Sampling temperature of the 'human' samples.",
   "gold_temperature": "Bradley-Terry temperature of the gold-reward labels.",
   "seed": "Seed.",
 }

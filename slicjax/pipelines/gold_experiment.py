@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from slicjax import optim, training
 from slicjax.data import iterators
@@ -84,7 +85,15 @@ EXPERIMENT_PRESETS: dict[str, dict[str, Any]] = {
     ),
   ),
 }
-HUMAN_KEYS = dict(policy_steps=100, num_prompts=512, temperature=1.0, gold_temperature=0.1, seed=0)
+HUMAN_KEYS = dict(
+  policy_steps=100,
+  num_prompts=512,
+  num_samples=2,
+  min_gold_gap=0.0,
+  temperature=1.0,
+  gold_temperature=0.1,
+  seed=0,
+)
 EXPERIMENT_KEYS = dict(
   losses=("sigmoid_norm", "hinge"), sources=SOURCES, eval_examples=128, eval_batch_size=16
 )
@@ -138,7 +147,9 @@ def experiment_config(preset: str, overrides=None) -> ml_collections.ConfigDict:
 
 def _train_sft(cfg, workdir, model, data, mesh):
   """MLE fine-tuning; returns ``(sft_params, early_params)`` (the early snapshot is the
-  "human" policy)."""
+  "human" policy). The early snapshot is kept in ``<workdir>/early``, so a rerun in the same
+  workdir reuses both instead of training again."""
+  from slicjax import checkpoint
   from slicjax.pipelines import mle
 
   t = mle.train_config(cfg)
@@ -147,6 +158,8 @@ def _train_sft(cfg, workdir, model, data, mesh):
     raise ValueError(
       f"human.policy_steps must be in (0, train.steps={t['steps']}), got {h.policy_steps}."
     )
+  early_dir = os.path.join(workdir, "early")
+  have_early = os.path.isfile(os.path.join(early_dir, "early.json"))
   tx, schedule = optim.make_optimizer(common.to_dict(cfg.optimizer), t["steps"])
   state, sh = training.create_train_state(
     model,
@@ -157,8 +170,9 @@ def _train_sft(cfg, workdir, model, data, mesh):
   )
   step = training.make_train_step(training.mle_loss_fn(model), tx, mesh, sh, schedule)
   it = data.train_iter()
-  snapshots = []
   for steps in (h.policy_steps, t["steps"]):
+    if steps == h.policy_steps and have_early:
+      continue
     state = training.train(
       state=state,
       state_shardings=sh,
@@ -170,13 +184,49 @@ def _train_sft(cfg, workdir, model, data, mesh):
         steps=steps, log_every=t["log_every"], checkpoint_every=10**9, progress=t["progress"]
       ),
     )
-    snapshots.append(jax.device_get(state.params))
-  return snapshots[1], snapshots[0]
+    if steps == h.policy_steps:
+      if int(jax.device_get(state.step)) != steps:
+        raise ValueError(
+          f"{workdir} holds an SFT checkpoint past human.policy_steps={steps} but no early "
+          f"snapshot ({early_dir}); remove {workdir} to train the SFT stage again."
+        )
+      ck = checkpoint.Checkpointer(early_dir, keep=1)
+      ck.save(steps, {"params": state.params}, force=True)
+      ck.close()
+      if jax.process_index() == 0:
+        with open(os.path.join(early_dir, "early.json"), "w") as f:
+          json.dump(dict(step=steps), f)
+  early, _ = checkpoint.load_params(early_dir)
+  return jax.device_get(state.params), early
+
+
+def extreme_pair(gold_K: np.ndarray, valid_K: np.ndarray) -> tuple[int, int] | None:
+  """The (gold-best, gold-worst) sample indices among the valid ones, or ``None`` when fewer
+  than two are valid. Ties keep the earlier index; when all gold rewards are equal, the first
+  two valid samples."""
+  idx = np.flatnonzero(valid_K)
+  if idx.size < 2:
+    return None
+  g = gold_K[idx]
+  best, worst = int(np.argmax(g)), int(np.argmin(g))
+  if best == worst:
+    best, worst = 0, 1
+  return int(idx[best]), int(idx[worst])
 
 
 def gold_pairs(cfg, out_dir, *, model, human_params, sft_params, data):
-  """Writes the "human" pairs (pair directory, source ``direct``); returns its rows."""
+  """Writes the "human" pairs (pair directory, source ``direct``); returns its rows.
+
+  ``human.num_samples`` samples per prompt; the pair is the gold-best against the gold-worst
+  sample (with two samples: the two), dropped when the samples are identical or their gold
+  gap is below ``human.min_gold_gap``; the label then follows the Bradley-Terry noise model.
+  """
   h = cfg.human
+  if h.num_samples < 2:
+    raise ValueError(f"human.num_samples must be >= 2 (a pair needs two samples), got "
+                     f"{h.num_samples}.")
+  if h.min_gold_gap < 0:
+    raise ValueError(f"human.min_gold_gap must be >= 0, got {h.min_gold_gap}.")
   bs = cfg.rso.batch_size
   c = dict(seed=h.seed, temperature=h.temperature, top_k=0, top_p=1.0, max_len=0)
   examples = data.train_examples
@@ -186,16 +236,23 @@ def gold_pairs(cfg, out_dir, *, model, human_params, sft_params, data):
     ids = rso._pad_indices(idx, bs)
     arrays = iterators.pad_batch([examples[i] for i in ids], data.input_len, data.target_len)
     inputs, targets = arrays["inputs"], arrays["targets"]
-    cands = rso.sample_completions(c, model, human_params, data, inputs, ids, 2)
+    cands = rso.sample_completions(c, model, human_params, data, inputs, ids, h.num_samples)
     gold = rso.gold_rewards(data, cands, targets)
     ref = rso.sequence_logps(model, sft_params, inputs, cands)
     u = np.random.default_rng([h.seed, idx[0]]).uniform(size=len(ids))
-    first_wins = u < 1.0 / (1.0 + np.exp(-(gold[:, 0] - gold[:, 1]) / h.gold_temperature))
     rows = []
     for j, i in enumerate(idx):
-      w, lose = (0, 1) if first_wins[j] else (1, 0)
-      same = np.array_equal(cands[j, 0], cands[j, 1]) or not cands[j].any(-1).all()
-      pairs = [] if same else [rso.pair_record(data, cands[j], gold[j], ref[j], w, lose)]
+      valid = cands[j].any(-1)
+      pick = extreme_pair(gold[j], valid)
+      pairs = []
+      if pick is not None:
+        a, b = pick
+        distinct = not np.array_equal(cands[j, a], cands[j, b])
+        if distinct and gold[j, a] - gold[j, b] >= h.min_gold_gap:
+          # P(a ≻ b) = σ((g(a) − g(b)) / T): Bradley-Terry noise on the gold reward.
+          a_wins = u[j] < 1.0 / (1.0 + np.exp(-(gold[j, a] - gold[j, b]) / h.gold_temperature))
+          w, lose = (a, b) if a_wins else (b, a)
+          pairs = [rso.pair_record(data, cands[j], gold[j], ref[j], w, lose)]
       rows.append(
         dict(
           index=i,
@@ -204,10 +261,10 @@ def gold_pairs(cfg, out_dir, *, model, human_params, sft_params, data):
           target=rso._ids(targets[j]),
           prompt_text=data.detokenize(inputs[j]),
           target_text=data.detokenize(targets[j]),
-          num_samples=2,
-          num_valid=int(cands[j].any(-1).sum()),
-          num_accepted=2,
-          num_unique=1 if same else 2,
+          num_samples=h.num_samples,
+          num_valid=int(valid.sum()),
+          num_accepted=h.num_samples,
+          num_unique=len({tuple(r) for r in cands[j][valid].tolist()}),
           expected_acceptance=None,
           accepted_rewards=gold[j].tolist(),
           num_ties=None,
@@ -225,7 +282,12 @@ def gold_pairs(cfg, out_dir, *, model, human_params, sft_params, data):
     desc="human pairs",
     progress=cfg.train.progress,
   )
-  return preference_pairs.read_rows(out_dir)
+  rows = preference_pairs.read_rows(out_dir)
+  dropped = sum(1 for r in rows if not r["pairs"])
+  if dropped:
+    logging.info("human pairs: %d of %d prompts give no pair (identical or empty samples, or a "
+                 "gold gap below human.min_gold_gap=%g).", dropped, len(rows), h.min_gold_gap)
+  return rows
 
 
 def _greedy_outputs(model, params, data, examples, batch_size):
@@ -282,14 +344,11 @@ def markdown_report(preset, rows, reward_report, acceptance, timings) -> str:
     f"# Synthetic-gold preference experiment (preset `{preset}`)",
     "",
     'Gold reward: mean ROUGE-1/2/L F of the output to the dataset reference. "Human" pairs: '
-    "two temperature samples per prompt from an early SFT snapshot, labeled with Bradley-Terry "
-    "noise from the gold reward. The proxy reward model is trained on those pairs only. Win "
+    "the gold-best and gold-worst of `human.num_samples` temperature samples per prompt from "
+    "an early SFT snapshot, labeled with Bradley-Terry noise from the gold reward. The proxy reward model is trained on those pairs only. Win "
     "rates use greedy outputs on held-out prompts; ties count one half.",
     "",
-    f"Proxy reward model ({reward_report['kind']}): held-out pair accuracy "
-    f"{reward_report['heldout_accuracy']:.3f} on {reward_report['heldout_pairs']} pairs (train "
-    f"{reward_report['train_accuracy']:.3f} on {reward_report['train_pairs']}).",
-    "",
+    reward_markdown(None, reward_report).rstrip() + "\n",
     "| pairs | loss | #pairs | acceptance | train-pair acc. | proxy win vs target | "
     "proxy win vs SFT | gold win vs SFT | mean gold | mean length |",
     "|---|---|---|---|---|---|---|---|---|---|",
@@ -308,20 +367,50 @@ def markdown_report(preset, rows, reward_report, acceptance, timings) -> str:
     "Acceptance: RSO's expected first-round acceptance rate E[exp((r - r_max)/β)].",
     "Train-pair acc.: implicit-reward accuracy on the policy's own training pairs.",
     "",
-    "| stage | seconds |",
-    "|---|---|",
   ]
+  return "\n".join(lines) + "\n" + _timings_markdown(timings)
+
+
+def _timings_markdown(timings) -> str:
+  lines = ["| stage | seconds |", "|---|---|"]
   lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
   return "\n".join(lines) + "\n"
 
 
-def synthetic_gold_experiment(config=None, workdir: str = "", preset: str = "smoke"):
+def reward_markdown(preset, r) -> str:
+  """The proxy reward model's paragraph: held-out accuracy with its interval, agreement with
+  the gold order, and the ceiling the label noise leaves."""
+  lo, hi = r["heldout_accuracy_ci95"]
+  text = (
+    f"Proxy reward model ({r['kind']}): held-out pair accuracy {r['heldout_accuracy']:.3f} "
+    f"[95% CI {lo:.3f}, {hi:.3f}] on {r['heldout_pairs']} pairs (train "
+    f"{r['train_accuracy']:.3f} on {r['train_pairs']}"
+  )
+  if r.get("select_pairs"):
+    text += (f"; step {r['selected_step']} selected on {r['select_pairs']} other held-out "
+             "pairs")
+  text += ")."
+  if "gold_order_accuracy" in r:
+    glo, ghi = r["gold_order_accuracy_ci95"]
+    text += (
+      f" Agreement with the noise-free gold order: {r['gold_order_accuracy']:.3f} [{glo:.3f}, "
+      f"{ghi:.3f}] on {r['gold_order_pairs']} pairs without a gold tie. The gold reward itself "
+      f"scores {r['gold_label_accuracy']:.3f} on these noisy labels (the ceiling)."
+    )
+  head = [f"# Proxy reward model (preset `{preset}`)", ""] if preset else []
+  return "\n".join(head + [text, ""]) + "\n"
+
+
+def synthetic_gold_experiment(config=None, workdir: str = "", preset: str = "smoke", *,
+                              reward_only: bool = False):
   """Runs the synthetic-gold protocol (see the comment above) and writes ``report.md``.
 
   Args:
     config: overrides of :func:`experiment_config` (``None`` for the preset as is).
     workdir: every stage's output goes under it.
     preset: ``smoke`` (synthetic task, seconds to a minute on CPU) or ``default``.
+    reward_only: stop after the proxy reward model (SFT, "human" pairs, reward model) and
+      write ``reward_report.md``: the loop for tuning the reward model.
 
   Returns:
     dict with ``rows`` (one per policy), ``reward``, ``acceptance`` and ``report`` (the path).
@@ -360,6 +449,15 @@ def synthetic_gold_experiment(config=None, workdir: str = "", preset: str = "smo
     init_params=sft if reward_lib.reward_model_config(cfg) == common.to_dict(cfg.model) else None,
   )
   lap("proxy reward model")
+  if reward_only:
+    text = reward_markdown(preset, reward_report) + _timings_markdown(timings)
+    path = os.path.join(workdir, "reward_report.md")
+    with open(path, "w") as f:
+      f.write(text)
+    with open(os.path.join(workdir, "reward_results.json"), "w") as f:
+      json.dump(dict(reward=reward_report, seconds=timings), f, indent=2, default=float)
+    print(text, flush=True)
+    return dict(rows=[], reward=reward_report, acceptance={}, report=path)
   pair_sets = {"direct": preference_pairs.flatten_pairs(human)}
   acceptance = {"direct": rso.acceptance_summary(human)}
   for source, mode in (("sft-sample-rank", "sft"), ("rso-sample-rank", "rso")):

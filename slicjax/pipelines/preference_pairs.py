@@ -33,8 +33,8 @@ def read_rows(out_dir: str) -> list[dict[str, Any]]:
 
 def flatten_pairs(rows) -> list[dict[str, Any]]:
   """Per-prompt rows -> one dict per pair (``prompt``, ``chosen``, ``rejected``, ``target``,
-  ``ref_chosen_logp``, ``ref_rejected_logp``, ``best`` (``None`` if absent), ``index``,
-  ``source``)."""
+  ``ref_chosen_logp``, ``ref_rejected_logp``, ``chosen_reward``, ``rejected_reward``, ``best``
+  (``None`` if absent), ``index``, ``source``)."""
   out = []
   for r in rows:
     for p in r["pairs"]:
@@ -48,6 +48,8 @@ def flatten_pairs(rows) -> list[dict[str, Any]]:
           rejected=p["rejected"],
           ref_chosen_logp=p.get("ref_chosen_logp"),
           ref_rejected_logp=p.get("ref_rejected_logp"),
+          chosen_reward=p.get("chosen_reward"),
+          rejected_reward=p.get("rejected_reward"),
           best=r.get("best"),
         )
       )

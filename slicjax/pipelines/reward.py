@@ -44,6 +44,7 @@ REWARD_KEYS = dict(
   steps=300,
   batch_size=16,
   eval_fraction=0.1,
+  eval_every=0,
   log_every=25,
   checkpoint_every=1000,
   keep_checkpoints=2,
@@ -65,6 +66,12 @@ def reward_config(config) -> dict[str, Any]:
     raise ValueError(f"reward.eval_fraction must be in [0, 1), got {c['eval_fraction']}.")
   for k in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
     validation.count(c[k], f"reward.{k}")
+  if c["eval_every"] < 0:
+    raise ValueError(f"reward.eval_every must be >= 0 (0 = no early stopping), got "
+                     f"{c['eval_every']}.")
+  if c["eval_every"] and c["eval_fraction"] == 0:
+    raise ValueError("reward.eval_every > 0 selects the step on held-out pairs, but "
+                     "reward.eval_fraction is 0; hold out prompts (e.g. 0.2) or set eval_every=0.")
   return c
 
 
@@ -260,9 +267,15 @@ def _pair_correct(net, params, inputs, chosen, rejected, symmetric):
 
 def pair_accuracy(net, params, arrays, *, batch_size: int, symmetric: bool = True) -> float:
   """Fraction of pairs whose chosen completion the reward network prefers."""
-  n = len(arrays["inputs"])
-  if n == 0:
+  if len(arrays["inputs"]) == 0:
     return float("nan")
+  return float(np.mean(pair_correct(net, params, arrays, batch_size=batch_size,
+                                    symmetric=symmetric)))
+
+
+def pair_correct(net, params, arrays, *, batch_size: int, symmetric: bool = True) -> np.ndarray:
+  """``[N]`` 1.0 where the reward network prefers the chosen completion of pair n, else 0.0."""
+  n = len(arrays["inputs"])
   correct = []
   for lo in range(0, n, batch_size):
     idx = np.arange(lo, lo + batch_size) % n  # fixed shape: wrap the last batch
@@ -275,7 +288,34 @@ def pair_accuracy(net, params, arrays, *, batch_size: int, symmetric: bool = Tru
       symmetric,
     )
     correct.append(np.asarray(got)[: min(batch_size, n - lo)])
-  return float(np.mean(np.concatenate(correct)))
+  return np.concatenate(correct) if correct else np.zeros((0,), np.float32)
+
+
+def heldout_report(correct, pairs, *, num_resamples: int = 1000, seed: int = 0) -> dict:
+  """Held-out accuracy of a reward network with its 95% bootstrap interval over pairs, and,
+  when the pairs carry their gold rewards (``chosen_reward``/``rejected_reward``, as the
+  synthetic-gold pairs do): the network's agreement with the noise-free gold order (pairs with
+  a gold tie left out) and the accuracy the gold reward itself reaches on these labels (the
+  ceiling that Bradley-Terry label noise leaves; a gold tie counts one half)."""
+  from slicjax.evaluation import metrics
+
+  correct = np.asarray(correct, np.float64)
+  out = dict(heldout_accuracy=float("nan"), heldout_accuracy_ci95=[float("nan")] * 2)
+  if correct.size == 0:
+    return out
+  mean, lo, hi = metrics.bootstrap_ci(correct, num_resamples=num_resamples, seed=seed)
+  out.update(heldout_accuracy=mean, heldout_accuracy_ci95=[lo, hi])
+  gold = [(p.get("chosen_reward"), p.get("rejected_reward")) for p in pairs]
+  if gold and all(a is not None and b is not None for a, b in gold):
+    diff = np.asarray([a - b for a, b in gold], np.float64)
+    out["gold_label_accuracy"] = float(np.mean(np.where(diff == 0, 0.5, diff > 0)))
+    untied = diff != 0
+    if untied.any():
+      agree = np.where(diff[untied] > 0, correct[untied], 1.0 - correct[untied])
+      m, lo, hi = metrics.bootstrap_ci(agree, num_resamples=num_resamples, seed=seed)
+      out.update(gold_order_accuracy=m, gold_order_accuracy_ci95=[lo, hi],
+                 gold_order_pairs=int(untied.sum()))
+  return out
 
 
 def train_reward(config, workdir: str, *, data=None, pairs=None, init_params=None):
@@ -308,6 +348,14 @@ def train_reward(config, workdir: str, *, data=None, pairs=None, init_params=Non
       raise ValueError("reward.pairs is empty: give a pair directory or a text pairs .jsonl.")
     pairs = preference_pairs.read_pairs(c["pairs"], data)
   train_pairs, held_pairs = split_pairs(pairs, c["eval_fraction"], c["seed"])
+  select_pairs = []
+  if c["eval_every"] and held_pairs:
+    # Early stopping selects on half of the held-out prompts; the other half is reported, so the
+    # reported accuracy is not the maximum of the selection curve.
+    if len({p["index"] for p in held_pairs}) < 2:
+      raise ValueError("reward.eval_every > 0 needs >= 2 held-out prompts (one to select the "
+                       "step, one to report); raise reward.eval_fraction or add pairs.")
+    held_pairs, select_pairs = split_pairs(held_pairs, 0.5, c["seed"] + 1)
   model_cfg = reward_model_config(config)
   pre = common.pretrained(config)  # pretrained.init_from overrides reward_model / model
   backbone = None
@@ -357,6 +405,20 @@ def train_reward(config, workdir: str, *, data=None, pairs=None, init_params=Non
     shard_count=jax.process_count(),
   )
   step = training.make_train_step(pair_loss_fn(net), tx, mesh, state_sh, schedule)
+  bs = c["batch_size"]
+  eval_fn = None
+  if select_pairs:
+    sel = preference_pairs.pairs_to_arrays(select_pairs, data.input_len, data.target_len)
+    keeper = checkpoint.BestKeeper(workdir, "select_error")
+
+    def eval_fn(st):
+      p = jax.device_get(st.params)
+      acc = pair_accuracy(net, p, sel, batch_size=bs, symmetric=c["symmetric"])
+      ev = {"select_accuracy": acc}
+      if keeper.update(int(jax.device_get(st.step)), st.params, 1.0 - acc):
+        ev["best"] = 1.0
+      return ev
+
   state = training.train(
     state=state,
     state_shardings=state_sh,
@@ -364,25 +426,32 @@ def train_reward(config, workdir: str, *, data=None, pairs=None, init_params=Non
     train_iter=it,
     mesh=mesh,
     workdir=workdir,
+    eval_fn=eval_fn,
     loop=training.LoopConfig(
       steps=c["steps"],
       log_every=c["log_every"],
+      eval_every=c["eval_every"],
       checkpoint_every=c["checkpoint_every"],
       keep_checkpoints=c["keep_checkpoints"],
       progress=c["progress"],
     ),
   )
   params = jax.device_get(state.params)
-  bs = c["batch_size"]
+  selected = None
+  if select_pairs:  # the parameters of the best step on the selection half
+    params, selected = checkpoint.load_params(workdir)
   report = dict(
     kind=c["kind"],
     train_pairs=len(train_pairs),
     heldout_pairs=len(held_pairs),
+    select_pairs=len(select_pairs),
+    selected_step=selected if selected is not None else c["steps"],
     train_accuracy=pair_accuracy(net, params, arrays, batch_size=bs, symmetric=c["symmetric"]),
-    heldout_accuracy=(
-      pair_accuracy(net, params, held, batch_size=bs, symmetric=c["symmetric"])
-      if held is not None
-      else float("nan")
+    **heldout_report(
+      pair_correct(net, params, held, batch_size=bs, symmetric=c["symmetric"])
+      if held is not None else [],
+      held_pairs,
+      seed=c["seed"],
     ),
   )
   if jax.process_index() == 0:

@@ -1,6 +1,8 @@
 """Reward models: Bradley-Terry loss, the pointwise head's read-out position, the pairwise ranker's
 input layout and order flips, and both models learning a toy preference (train_reward)."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -235,3 +237,50 @@ def test_ranker_learns_and_is_flip_consistent(toy, tmp_path):
   # Pointwise reward from the ranker against a baseline: logit ρ(x, y, y_b).
   r = jax.jit(net.reward)(params, arr["inputs"], arr["chosen"], arr["rejected"])
   np.testing.assert_allclose(jax.nn.sigmoid(r), p_ab, rtol=1e-4, atol=1e-5)
+
+
+def test_early_stopping_keeps_the_best_step_on_the_selection_half(toy, tmp_path):
+  data, pairs = toy
+  cfg = _config("pointwise", 60)
+  cfg.reward.eval_every = 20
+  loaded, report = reward_lib.train_reward(cfg, str(tmp_path), data=data, pairs=pairs)
+  # 100 held-out prompts: 50 select the step, the other 50 are reported.
+  assert report["select_pairs"] == 50 and report["heldout_pairs"] == 50, report
+  best = json.load(open(tmp_path / "best" / "best.json"))
+  assert report["selected_step"] == best["step"] and best["step"] in (20, 40, 60)
+  # The step kept is the best selection accuracy among the evaluated ones.
+  evals = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  sel = {e["step"]: e["select_accuracy"] for e in evals if "select_accuracy" in e}
+  assert sorted(sel) == [20, 40, 60]
+  assert sel[best["step"]] == max(sel.values()) and 1.0 - best["value"] == pytest.approx(
+    sel[best["step"]]
+  )
+  # The reloaded reward is the kept step's, and the report carries a bootstrap interval.
+  again = reward_lib.load_reward(str(tmp_path))
+  x = jnp.array([[5, 6, 0, 0]] * 2)
+  ys = jnp.array([[[GOOD, GOOD, GOOD, 1, 0, 0], [7, 8, 9, 1, 0, 0]]] * 2)
+  np.testing.assert_allclose(
+    again.candidate_rewards(x, ys), loaded.candidate_rewards(x, ys), rtol=1e-5
+  )
+  lo, hi = report["heldout_accuracy_ci95"]
+  assert lo <= report["heldout_accuracy"] <= hi
+
+
+def test_heldout_report_hand_values():
+  # Four pairs: correct = 1, 0, 1, 1; gold differences +0.2, −0.1 (a noisy label), 0 (tie), +0.3.
+  pairs = [
+    dict(chosen_reward=0.5, rejected_reward=0.3),
+    dict(chosen_reward=0.2, rejected_reward=0.3),
+    dict(chosen_reward=0.4, rejected_reward=0.4),
+    dict(chosen_reward=0.6, rejected_reward=0.3),
+  ]
+  r = reward_lib.heldout_report([1.0, 0.0, 1.0, 1.0], pairs)
+  assert r["heldout_accuracy"] == pytest.approx(0.75)
+  # The gold reward agrees with 2 labels, disagrees with 1, ties 1 (counts one half): 2.5 / 4.
+  assert r["gold_label_accuracy"] == pytest.approx(0.625)
+  # Against the gold order (tie left out): pair 1 agrees, pair 2 the network preferred the
+  # label's rejected = the gold-better one (agrees), pair 4 agrees: 3 / 3.
+  assert r["gold_order_pairs"] == 3 and r["gold_order_accuracy"] == pytest.approx(1.0)
+  # Without gold rewards only the accuracy and its interval are reported.
+  r = reward_lib.heldout_report([1.0, 0.0], [{}, {}])
+  assert "gold_order_accuracy" not in r and r["heldout_accuracy"] == pytest.approx(0.5)

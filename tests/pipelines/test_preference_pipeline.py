@@ -230,13 +230,23 @@ def test_bad_preference_config_raises(setup, rso_dir, tmp_path):
     preference.train_preference(c, str(tmp_path), params=params, model=model, data=data)
 
 
+def test_extreme_pair_picks_gold_best_and_worst_valid_samples():
+  gold = np.array([0.3, 0.9, 0.1, 0.95], np.float32)
+  assert gold_experiment.extreme_pair(gold, np.array([1, 1, 1, 0], bool)) == (1, 2)
+  assert gold_experiment.extreme_pair(gold, np.array([1, 1, 1, 1], bool)) == (3, 2)
+  assert gold_experiment.extreme_pair(gold, np.array([0, 0, 1, 0], bool)) is None
+  # All gold rewards equal: the first two valid samples (a pair with a random label).
+  assert gold_experiment.extreme_pair(np.zeros(3), np.array([0, 1, 1], bool)) == (1, 2)
+
+
 @pytest.mark.slow
 def test_synthetic_gold_experiment_smoke(tmp_path):
-  out = gold_experiment.synthetic_gold_experiment(
-    {
+  overrides = {
       "train.steps": 30,
       "human.policy_steps": 10,
+      "human.num_samples": 3,
       "reward.steps": 20,
+      "reward.eval_every": 10,
       "preference.steps": 8,
       "experiment.losses": ("sigmoid_norm",),
       "rso.num_examples": 32,
@@ -245,10 +255,8 @@ def test_synthetic_gold_experiment_smoke(tmp_path):
       "reward.progress": False,
       "preference.progress": False,
       "rso.progress": False,
-    },
-    str(tmp_path),
-    preset="smoke",
-  )
+  }
+  out = gold_experiment.synthetic_gold_experiment(overrides, str(tmp_path), preset="smoke")
   names = [r["policy"] for r in out["rows"]]
   assert names == [
     "SFT",
@@ -263,6 +271,18 @@ def test_synthetic_gold_experiment_smoke(tmp_path):
   assert 0 < out["acceptance"]["rso-sample-rank"]["expected_acceptance"] <= 1
   text = open(out["report"]).read()
   assert "| rso-sample-rank | sigmoid_norm |" in text and "held-out pair accuracy" in text
+  rm = out["reward"]
+  assert rm["select_pairs"] > 0 and rm["selected_step"] in (10, 20)
+  assert rm["heldout_accuracy_ci95"][0] <= rm["heldout_accuracy"] <= rm["heldout_accuracy_ci95"][1]
+  assert "gold_label_accuracy" in rm and "[95% CI" in text
+  # Rerun in the same workdir, reward stage only: the SFT stage, its early snapshot, the pairs
+  # and the reward model are reused, so the reward report is the same.
+  again = gold_experiment.synthetic_gold_experiment(
+    overrides, str(tmp_path), preset="smoke", reward_only=True
+  )
+  assert again["rows"] == [] and again["report"].endswith("reward_report.md")
+  for k in ("heldout_accuracy", "train_accuracy", "selected_step", "gold_order_accuracy"):
+    assert again["reward"].get(k) == rm.get(k), k
 
 
 def test_clean_completions_cuts_after_eos_and_drops_out_of_vocabulary():

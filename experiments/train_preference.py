@@ -11,8 +11,6 @@ synthetic-gold experiment comparing them.
       --set=human.num_samples=4 --set=reward.eval_every=25 --workdir=runs/gold_rm
 """
 
-import ast
-
 from absl import flags
 
 from slicjax import cli, config_help, distributed
@@ -42,7 +40,7 @@ def main(argv):
   distributed.initialize_from_flags()
   if _EXPERIMENT.value:
     out = gold_experiment.synthetic_gold_experiment(
-      experiment_overrides(_SET.value) or None, _WORKDIR.value, _EXPERIMENT.value,
+      cli.parse_overrides(_SET.value) or None, _WORKDIR.value, _EXPERIMENT.value,
       reward_only=_REWARD_ONLY.value,
     )
     print(f"report: {out['report']}")
@@ -58,20 +56,6 @@ def main(argv):
     f"pair accuracy {b['accuracy']:.3f} -> {a['accuracy']:.3f}, "
     f"DPO loss {b['dpo_loss']:.4f} -> {a['dpo_loss']:.4f}"
   )
-
-
-def experiment_overrides(items) -> dict:
-  """``["a.b=1", "c.d=x"]`` -> ``{"a.b": 1, "c.d": "x"}`` (values parsed as Python literals)."""
-  out = {}
-  for item in items:
-    key, sep, value = item.partition("=")
-    if not sep or "." not in key:
-      raise ValueError(f"--set={item!r}: expected section.key=value, e.g. --set=reward.steps=200.")
-    try:
-      out[key.strip()] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      out[key.strip()] = value
-  return out
 
 
 def _describe():

@@ -101,6 +101,29 @@ def run(
   app.run(wrapped, flags_parser=_parse_flags)
 
 
+def parse_overrides(items, flag: str = "--set") -> dict:
+  """``["a.b=1", "c.d=x"]`` -> ``{"a.b": 1, "c.d": "x"}``: values are Python literals, a bare
+  word is a string.
+
+  Raises:
+    ValueError: an item without ``=`` or without a ``section.key`` name, naming the item.
+  """
+  import ast
+
+  out = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or "." not in key:
+      raise ValueError(f"{flag}={item!r}: expected section.key=value, e.g. "
+                       f"{flag}=reward.steps=200.")
+    try:
+      out[key] = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+      out[key] = value.strip()
+  return out
+
+
 def define_config_file(name: str, default: str, help_string: str):
   """``config_flags.DEFINE_config_file`` whose override errors are usage errors: without
   ``--config`` on the command line ml_collections loads the default file (and applies the

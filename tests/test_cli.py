@@ -346,3 +346,14 @@ def test_sigterm_exits_75_and_rerun_resumes(tmp_path):
   assert p.returncode == cli.EXIT_OK, stderr[-3000:]
   steps = _train_steps(wd)
   assert steps[-2:] == [step + 1, step + 2] and steps.count(1) == 1  # resumed, not restarted
+
+
+def test_parse_overrides_reads_literals_and_names_bad_items():
+  got = cli.parse_overrides(["reward.steps=200", "human.min_gold_gap=0.01", "data.name=stdlib",
+                             "experiment.losses=('hinge', 'ipo')", "train.progress=False"])
+  assert got == {"reward.steps": 200, "human.min_gold_gap": 0.01, "data.name": "stdlib",
+                 "experiment.losses": ("hinge", "ipo"), "train.progress": False}
+  with pytest.raises(ValueError, match="--set='steps=3': expected section.key=value"):
+    cli.parse_overrides(["steps=3"])
+  with pytest.raises(ValueError, match="expected section.key=value"):
+    cli.parse_overrides(["reward.steps"])

@@ -184,6 +184,8 @@ def main():
   ap.add_argument("--adapt_lr", type=float, default=1e-3)
   ap.add_argument("--block_length", type=int, default=8)
   ap.add_argument("--eval_examples", type=int, default=128)
+  ap.add_argument("--split", default="validation", choices=("validation", "test"),
+                  help="evaluation split: choose settings on validation, report on test")
   ap.add_argument("--batch_size", type=int, default=32)
   ap.add_argument("--resamples", type=int, default=1000)
   ap.add_argument("--skip_scratch", action="store_true",
@@ -197,13 +199,15 @@ def main():
   block = dict(block_length=a.block_length)
   rows, info, per = [], {}, {}
   tag = f"b{a.block_length}_a{adapt}_n{anneal}_lr{a.adapt_lr:g}"  # names this run's outputs
+  if a.split != "validation":
+    tag += f"_{a.split}"
   out = open(os.path.join(a.workdir, f"predictions_{tag}.jsonl"), "w")
 
   t0 = time.perf_counter()
   ar_state, ar_model, data = mle.run(_config("transformer", a.steps),
                                      os.path.join(a.workdir, f"ar_s{a.steps}"))
   info["ar"] = dict(steps=a.steps, train_seconds=round(time.perf_counter() - t0, 1))
-  examples = data.eval_examples[: a.eval_examples]
+  examples = data.split_examples(a.split)[: a.eval_examples]
   refs = [data.detokenize(e["targets"]) for e in examples]
   info["ar"]["heldout_nll"] = heldout_loss(ar_model, ar_state.params, data, examples, 32)
   r, per["ar"] = ar_rows(ar_model, ar_state.params, data, examples, refs, a, out)
@@ -242,7 +246,7 @@ def main():
                                             num_resamples=a.resamples)
     comparisons.append(dict(a=f"diffusion (AR-init), {sampler}", b="ar greedy", diff=d, lo=lo,
                             hi=hi))
-  print(f"\n{len(examples)} eval examples, target_len {data.target_len}, block_length "
+  print(f"\n{len(examples)} {a.split} examples, target_len {data.target_len}, block_length "
         f"{a.block_length}; models {json.dumps(info)}")
   print("model | sampler | ROUGE-L [95% CI] | diff vs top-1 [95% CI] | real tok/eval | "
         "slots/eval | seconds")
@@ -256,7 +260,7 @@ def main():
     print(f"{c['a']} - {c['b']}: {c['diff']:+.2f} [{c['lo']:+.2f}, {c['hi']:+.2f}]")
   result = dict(rows=rows, models=info, comparisons=comparisons, steps=a.steps,
                 adapt_steps=adapt, anneal_steps=anneal, block_length=a.block_length,
-                eval_examples=len(examples))
+                eval_examples=len(examples), split=a.split)
   with open(os.path.join(a.workdir, f"results_{tag}.json"), "w") as f:
     json.dump(result, f, indent=2)
   if a.json:

@@ -447,13 +447,11 @@ def train_reward(config, workdir: str, *, data=None, pairs=None, init_params=Non
     select_pairs=len(select_pairs),
     selected_step=selected if selected is not None else c["steps"],
     train_accuracy=pair_accuracy(net, params, arrays, batch_size=bs, symmetric=c["symmetric"]),
-    **heldout_report(
-      pair_correct(net, params, held, batch_size=bs, symmetric=c["symmetric"])
-      if held is not None else [],
-      held_pairs,
-      seed=c["seed"],
-    ),
   )
+  held_correct = (pair_correct(net, params, held, batch_size=bs, symmetric=c["symmetric"])
+                  if held is not None else np.zeros((0,)))
+  report.update(heldout_report(held_correct, held_pairs, seed=c["seed"]))
+  report["heldout_correct"] = [int(v) for v in held_correct]  # per held-out pair, to pool
   if jax.process_index() == 0:
     info = dict(
       kind=c["kind"], model=model_cfg, format=net.fmt.to_dict() if c["kind"] == "ranker" else None

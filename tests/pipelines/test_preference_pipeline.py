@@ -271,6 +271,13 @@ def test_synthetic_gold_experiment_smoke(tmp_path):
   assert 0 < out["acceptance"]["rso-sample-rank"]["expected_acceptance"] <= 1
   text = open(out["report"]).read()
   assert "| rso-sample-rank | sigmoid_norm |" in text and "held-out pair accuracy" in text
+  # Per-example outputs recompute every policy's gold win rate against SFT.
+  recs = [json.loads(x) for x in open(os.path.join(str(tmp_path), "eval_outputs.jsonl"))]
+  for r in out["rows"]:
+    mine = [x["gold_win_vs_sft"] for x in recs if x["policy"] == r["policy"]]
+    assert len(mine) == 32 and np.mean(mine) == pytest.approx(r["gold_win_vs_sft"])
+    lo, hi = r["gold_win_vs_sft_ci95"]
+    assert lo <= r["gold_win_vs_sft"] <= hi
   rm = out["reward"]
   assert rm["select_pairs"] > 0 and rm["selected_step"] in (10, 20)
   assert rm["heldout_accuracy_ci95"][0] <= rm["heldout_accuracy"] <= rm["heldout_accuracy_ci95"][1]

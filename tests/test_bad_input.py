@@ -294,6 +294,12 @@ CASES = [
   ("nan-reward", lambda t: __import__("slicjax.pipelines.rso", fromlist=["x"]).check_rewards(
     np.array([[0.1, np.nan, 0.3]]), np.array([[True, True, True]]), [5], "model"),
    ValueError, r"1 non-finite reward\(s\) \(first: nan for sample 1 of prompt 5\)"),
+  ("reward-early-stopping-without-heldout", lambda t: __import__(
+    "slicjax.pipelines.reward", fromlist=["x"]).reward_config(ml_collections.ConfigDict(dict(
+      reward=dict(eval_every=20, eval_fraction=0.0)))), ValueError,
+   r"reward\.eval_every > 0 selects the step on held-out pairs, but reward\.eval_fraction is 0"),
+  ("experiment-set-without-key", lambda t: __import__("slicjax.cli", fromlist=["x"])
+   .parse_overrides(["steps=3"]), ValueError, r"--set='steps=3': expected section\.key=value"),
 ]
 
 
@@ -376,6 +382,8 @@ DESCRIPTIONS = {
   'eval-model-workdir-missing': 'evaluating a model workdir that does not exist',
   'lora-on-scanned-layers': 'LoRA on a `scan_layers=True` model (stacked per-layer kernels)',
   'nan-reward': 'a reward model that returns NaN/inf',
+  'reward-early-stopping-without-heldout': '`reward.eval_every` > 0 with no held-out prompts',
+  'experiment-set-without-key': '`--set` given without a `section.key=` name',
 }
 
 DOC = os.path.join(ROOT, "docs", "errors.md")

@@ -26,6 +26,8 @@ _EXPERIMENT = flags.DEFINE_enum("experiment", "default", sorted(gold_experiment.
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (every stage's seed is set to it).")
 _SET = flags.DEFINE_multi_string("set", [], "Override one experiment config key, e.g. "
                                  "--set=preference.steps=100 (a Python literal). Repeatable.")
+_SPLIT = flags.DEFINE_enum("split", "validation", ["validation", "test"], "Split the policies "
+                           "are judged on (another split reuses the trained stages).")
 _AGGREGATE_ONLY = flags.DEFINE_bool("aggregate_only", False, "Only pool finished seeds.")
 _NAME = flags.DEFINE_string("model_name", "small from scratch", "The start model's name in the "
                             "outputs.")
@@ -43,13 +45,14 @@ def main(argv):
     if _AGGREGATE_ONLY.value:
       dirs[s] = os.path.join(_WORKDIR.value, f"seed_{s}")
     else:
-      dirs[s] = preference_study.run_seed(_EXPERIMENT.value, overrides, _WORKDIR.value, s)
-  agg = preference_study.aggregate(dirs)
+      dirs[s] = preference_study.run_seed(_EXPERIMENT.value, overrides, _WORKDIR.value, s,
+                                          _SPLIT.value)
+  agg = preference_study.aggregate(dirs, split=_SPLIT.value)
   command = " ".join(["python experiments/preference_study.py"]
                      + [shlex.quote(a) for a in sys.argv[1:] if a != "--aggregate_only"])
   preference_study.write_effect(_OUT_JSON.value, _NAME.value, agg, command)
   text = preference_study.markdown(_NAME.value, agg, command)
-  md = _OUT_MD.value or os.path.join(_WORKDIR.value, "study.md")
+  md = _OUT_MD.value or os.path.join(_WORKDIR.value, f"study_{_SPLIT.value}.md")
   with open(md, "w") as f:
     f.write(text)
   print(text)

@@ -282,6 +282,7 @@ EXPERIMENT_DOCS = {
   "sources": "Pair sources compared.",
   "eval_examples": "Held-out prompts judged.",
   "eval_batch_size": "Prompts per decoding batch of the judgement.",
+  "eval_split": "Split judged: validation or test (outputs then named *_test).",
 }
 
 TOP_LEVEL_DOCS = {

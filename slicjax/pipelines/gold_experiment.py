@@ -106,7 +106,11 @@ HUMAN_KEYS = dict(
   seed=0,
 )
 EXPERIMENT_KEYS = dict(
-  losses=("sigmoid_norm", "hinge"), sources=SOURCES, eval_examples=128, eval_batch_size=16
+  losses=("sigmoid_norm", "hinge"),
+  sources=SOURCES,
+  eval_examples=128,
+  eval_batch_size=16,
+  eval_split="validation",
 )
 
 
@@ -454,7 +458,8 @@ def reward_markdown(preset, r) -> str:
 
 def synthetic_gold_experiment(config=None, workdir: str = "", preset: str = "smoke", *,
                               reward_only: bool = False):
-  """Runs the synthetic-gold protocol (see the comment above) and writes ``report.md``.
+  """Runs the synthetic-gold protocol (see the comment above) and writes ``report.md``
+  (``report_<split>.md`` when ``experiment.eval_split`` is not ``validation``).
 
   Args:
     config: overrides of :func:`experiment_config` (``None`` for the preset as is).
@@ -509,6 +514,9 @@ def synthetic_gold_experiment(config=None, workdir: str = "", preset: str = "smo
       json.dump(dict(reward=reward_report, seconds=timings), f, indent=2, default=float)
     print(text, flush=True)
     return dict(rows=[], reward=reward_report, acceptance={}, report=path)
+  # Outputs of an evaluation on another split than validation carry its name (report_test.md);
+  # a rerun in the same workdir reuses every trained stage, so it only evaluates.
+  sfx = "" if cfg.experiment.eval_split == "validation" else f"_{cfg.experiment.eval_split}"
   pair_sets = {"direct": preference_pairs.flatten_pairs(human)}
   acceptance = {"direct": rso.acceptance_summary(human)}
   for source, mode in (("sft-sample-rank", "sft"), ("rso-sample-rank", "rso")):
@@ -548,18 +556,18 @@ def synthetic_gold_experiment(config=None, workdir: str = "", preset: str = "smo
     model=model,
     data=data,
     proxy=proxy,
-    examples=data.eval_examples[: cfg.experiment.eval_examples],
+    examples=data.split_examples(cfg.experiment.eval_split)[: cfg.experiment.eval_examples],
     batch_size=cfg.experiment.eval_batch_size,
-    records_path=os.path.join(workdir, "eval_outputs.jsonl"),
+    records_path=os.path.join(workdir, f"eval_outputs{sfx}.jsonl"),
   )
   lap("evaluation")
   rows = [dict(info[name], policy=name, **ev[name]) for name in policies]
   timings["total"] = time.time() - t0
   text = markdown_report(preset, rows, reward_report, acceptance, timings)
-  path = os.path.join(workdir, "report.md")
+  path = os.path.join(workdir, f"report{sfx}.md")
   with open(path, "w") as f:
     f.write(text)
-  with open(os.path.join(workdir, "results.json"), "w") as f:
+  with open(os.path.join(workdir, f"results{sfx}.json"), "w") as f:
     json.dump(
       dict(rows=rows, reward=reward_report, acceptance=acceptance, seconds=timings),
       f,

@@ -31,28 +31,37 @@ def seed_overrides(overrides: dict[str, Any], seed: int) -> dict[str, Any]:
   return {**overrides, **{k: int(seed) for k in SEED_KEYS}}
 
 
-def run_seed(preset: str, overrides: dict[str, Any], workdir: str, seed: int) -> str:
-  """Runs one seed into ``<workdir>/seed_<seed>`` unless its ``results.json`` exists (a rerun
-  resumes); returns that directory."""
+def _suffix(split: str) -> str:
+  return "" if split == "validation" else f"_{split}"
+
+
+def run_seed(preset: str, overrides: dict[str, Any], workdir: str, seed: int,
+             split: str = "validation") -> str:
+  """Runs one seed into ``<workdir>/seed_<seed>`` unless its results for ``split`` exist (a
+  rerun resumes; another split only evaluates the trained policies); returns that
+  directory."""
   from slicjax.pipelines import gold_experiment
 
   out = os.path.join(workdir, f"seed_{seed}")
-  if not os.path.isfile(os.path.join(out, "results.json")):
-    gold_experiment.synthetic_gold_experiment(seed_overrides(overrides, seed), out, preset)
+  if not os.path.isfile(os.path.join(out, f"results{_suffix(split)}.json")):
+    gold_experiment.synthetic_gold_experiment(
+      {**seed_overrides(overrides, seed), "experiment.eval_split": split}, out, preset)
   return out
 
 
-def _read_seed(d: str) -> dict[str, Any]:
-  for f in ("results.json", "eval_outputs.jsonl", os.path.join("reward", "reward_eval.json")):
+def _read_seed(d: str, split: str = "validation") -> dict[str, Any]:
+  sfx = _suffix(split)
+  for f in (f"results{sfx}.json", f"eval_outputs{sfx}.jsonl",
+            os.path.join("reward", "reward_eval.json")):
     if not os.path.isfile(os.path.join(d, f)):
       raise ValueError(f"{d} has no {f}: run the seed first (experiments/preference_study.py "
                        "without --aggregate_only).")
-  with open(os.path.join(d, "results.json")) as f:
+  with open(os.path.join(d, f"results{sfx}.json")) as f:
     res = json.load(f)
   with open(os.path.join(d, "reward", "reward_eval.json")) as f:
     rm = json.load(f)
   wins: dict[str, dict[int, float]] = {}
-  with open(os.path.join(d, "eval_outputs.jsonl")) as f:
+  with open(os.path.join(d, f"eval_outputs{sfx}.jsonl")) as f:
     for line in f:
       r = json.loads(line)
       wins.setdefault(r["policy"], {})[r["example"]] = r["gold_win_vs_sft"]
@@ -64,11 +73,12 @@ def _ci(values, resamples, seed=0) -> dict[str, Any]:
   return dict(mean=m, ci95=[lo, hi])
 
 
-def aggregate(seed_dirs: dict[int, str], *, resamples: int = 1000) -> dict[str, Any]:
-  """Pools the seeds' results (see the module docstring)."""
+def aggregate(seed_dirs: dict[int, str], *, resamples: int = 1000,
+              split: str = "validation") -> dict[str, Any]:
+  """Pools the seeds' results on ``split`` (see the module docstring)."""
   if not seed_dirs:
     raise ValueError("aggregate: no seed directories given.")
-  seeds = {s: _read_seed(d) for s, d in sorted(seed_dirs.items())}
+  seeds = {s: _read_seed(d, split) for s, d in sorted(seed_dirs.items())}
   first = next(iter(seeds.values()))
   policies = [r["policy"] for r in first["results"]["rows"] if r["policy"] != "SFT"]
   examples = sorted(first["wins"]["SFT"])
@@ -87,6 +97,7 @@ def aggregate(seed_dirs: dict[int, str], *, resamples: int = 1000) -> dict[str, 
                        "train_reward); rerun the seed's reward stage.")
     correct += list(v["reward"]["heldout_correct"])
   out: dict[str, Any] = dict(
+    split=split,
     seeds=sorted(seeds),
     num_eval_prompts=len(examples),
     rm_heldout_accuracy=dict(
@@ -136,7 +147,8 @@ def markdown(name: str, agg: dict[str, Any], command: str) -> str:
     "",
     f"`{command}`",
     "",
-    f"Seeds {seeds}; {agg['num_eval_prompts']} held-out prompts judged by greedy outputs. Gold "
+    f"Seeds {seeds}; {agg['num_eval_prompts']} {agg.get('split', 'validation')} prompts judged "
+    "by greedy outputs. Gold "
     "win vs SFT: each prompt's win (ties one half) averaged over the seeds, 95% bootstrap "
     "interval over prompts; per-seed rates beside it. **bold**: the interval excludes 0.5.",
     "",
@@ -170,7 +182,8 @@ def markdown(name: str, agg: dict[str, Any], command: str) -> str:
 
 
 def write_effect(path: str, name: str, agg: dict[str, Any], command: str) -> dict[str, Any]:
-  """Merges this start model's entry into ``preference_effect.json`` at ``path``."""
+  """Merges this start model's entry into ``preference_effect.json`` at ``path`` (keyed by the
+  model's name for the test split, ``"<name> (<split>)"`` for another)."""
   doc: dict[str, Any] = {"models": {}}
   if os.path.isfile(path):
     with open(path) as f:
@@ -178,6 +191,8 @@ def write_effect(path: str, name: str, agg: dict[str, Any], command: str) -> dic
   entry = dict(
     model=name,
     command=command,
+    split=agg.get("split", "validation"),
+    num_eval_prompts=agg["num_eval_prompts"],
     seeds=agg["seeds"],
     rm_heldout_accuracy={k: agg["rm_heldout_accuracy"][k] for k in ("mean", "ci95")},
     cells={
@@ -187,7 +202,9 @@ def write_effect(path: str, name: str, agg: dict[str, Any], command: str) -> dic
     },
     orderings=agg["orderings"],
   )
-  doc.setdefault("models", {})[name] = entry
+  # The test-split entry is the start model's result; a validation entry is kept beside it.
+  key = name if entry["split"] == "test" else f"{name} ({entry['split']})"
+  doc.setdefault("models", {})[key] = entry
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
     json.dump(doc, f, indent=2)

@@ -13,21 +13,22 @@ POLICIES = ("SFT", "direct/sigmoid_norm", "sft-sample-rank/sigmoid_norm",
             "rso-sample-rank/sigmoid_norm")
 
 
-def _seed_dir(root, seed, wins, correct, gold_label=0.9):
-  """``wins[policy]``: per-prompt gold wins vs SFT; ``correct``: held-out pair correctness."""
+def _seed_dir(root, seed, wins, correct, gold_label=0.9, sfx=""):
+  """``wins[policy]``: per-prompt gold wins vs SFT; ``correct``: held-out pair correctness;
+  ``sfx``: ``_test`` for a test-split evaluation."""
   d = os.path.join(root, f"seed_{seed}")
-  os.makedirs(os.path.join(d, "reward"))
+  os.makedirs(os.path.join(d, "reward"), exist_ok=True)
   rows = []
   for p in POLICIES:
     source, loss = ("SFT", "-") if p == "SFT" else p.split("/")
     rows.append(dict(policy=p, source=source, loss=loss, gold_win_vs_sft=float(np.mean(wins[p])),
                      mean_gold=0.1, mean_length=20.0, proxy_win_vs_sft=0.5, num_pairs=10))
-  with open(os.path.join(d, "results.json"), "w") as f:
+  with open(os.path.join(d, f"results{sfx}.json"), "w") as f:
     json.dump(dict(rows=rows), f)
   with open(os.path.join(d, "reward", "reward_eval.json"), "w") as f:
     json.dump(dict(heldout_accuracy=float(np.mean(correct)), heldout_correct=correct,
                    gold_label_accuracy=gold_label), f)
-  with open(os.path.join(d, "eval_outputs.jsonl"), "w") as f:
+  with open(os.path.join(d, f"eval_outputs{sfx}.jsonl"), "w") as f:
     for p in POLICIES:
       for i, w in enumerate(wins[p]):
         f.write(json.dumps(dict(policy=p, example=i, gold_win_vs_sft=w)) + "\n")
@@ -65,8 +66,18 @@ def test_aggregate_pools_prompts_over_seeds(tmp_path):
   preference_study.write_effect(path, "a", agg, "cmd a")
   preference_study.write_effect(path, "b", agg, "cmd b")
   doc = json.load(open(path))
-  assert sorted(doc["models"]) == ["a", "b"] and doc["models"]["b"]["command"] == "cmd b"
-  assert doc["models"]["a"]["rm_heldout_accuracy"]["mean"] == pytest.approx(0.6)
+  assert sorted(doc["models"]) == ["a (validation)", "b (validation)"]
+  assert doc["models"]["b (validation)"]["command"] == "cmd b"
+  assert doc["models"]["a (validation)"]["rm_heldout_accuracy"]["mean"] == pytest.approx(0.6)
+  # A test-split evaluation reads the *_test files and is the model's main entry.
+  flipped = {p: [1 - w for w in v] for p, v in s0.items()}
+  _seed_dir(tmp_path, 0, flipped, [1, 1, 0], sfx="_test")
+  _seed_dir(tmp_path, 1, flipped, [1, 0], sfx="_test")
+  test = preference_study.aggregate(dirs, resamples=200, split="test")
+  assert test["split"] == "test"
+  assert test["cells"]["direct/sigmoid_norm"]["gold_win_vs_sft"]["mean"] == pytest.approx(0.75)
+  preference_study.write_effect(path, "a", test, "cmd test")
+  assert json.load(open(path))["models"]["a"]["split"] == "test"
 
 
 def test_aggregate_refuses_missing_or_mismatched_seeds(tmp_path):

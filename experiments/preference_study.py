@@ -62,7 +62,7 @@ def main(argv):
 def _describe():
   return config_help.describe(gold_experiment.experiment_config(_EXPERIMENT.value),
                               title=f"Config of --experiment={_EXPERIMENT.value} (override with "
-                              "--set=section.key=value):", prefix="")
+                              "--set=section.key=value):", prefix="--set=")
 
 
 if __name__ == "__main__":

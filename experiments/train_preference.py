@@ -63,7 +63,7 @@ def _describe():
     return config_help.describe(
       gold_experiment.experiment_config(_EXPERIMENT.value),
       title=f"Config of --experiment={_EXPERIMENT.value} (override with --set=section.key=value):",
-      prefix="",
+      prefix="--set=",
     )
   return cli.help_text(config=_CONFIG)
 

@@ -11,7 +11,8 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 # The suite compiles thousands of tiny programs and runs each a few times, so LLVM's code
 # optimization is mostly wasted: at level 0 compile-bound tests took 15-20% less time on this
-# 2-core machine, and the SmolLM2 tests (run-time bound) took the same (README, "Tests").
+# 2-core machine, the SmolLM2 tests (run-time bound) took the same, and the whole suite took
+# 14 min 22 s against 17 min 35 s at the default level 3 (README).
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -23,7 +23,7 @@ CONFIGS = {name: f"experiments/configs/{name}.py" for name in ("mle", "slic", "p
 BINARIES = {
   "train": "mle", "calibrate": "slic", "decode": "slic", "evaluate": "slic",
   "generate_candidates": "slic", "rso_sample": "preference", "train_preference": "preference",
-  "train_reward": "preference", "demo": None, "export": None,
+  "train_reward": "preference", "demo": None, "export": None, "preference_study": None,
 }
 
 
@@ -191,6 +191,11 @@ def test_helpconfig_lists_every_key(helpconfig_runs, binary):
 
     expected = demo.build_config("default").to_dict()
     expected["model"] = dict.fromkeys(factory.model_keys())
+    listed = _setting_lines(stdout, "--set=")
+  elif binary == "preference_study":
+    from slicjax.pipelines import gold_experiment
+
+    expected = gold_experiment.experiment_config("default").to_dict()
     listed = _setting_lines(stdout, "--set=")
   else:
     expected = _load_config(BINARIES[binary]).to_dict()

@@ -138,7 +138,17 @@ def win_rate(policy_scores, baseline_scores=None, *, tie: float = 0.5) -> float:
   Ties (equal scores, or ``p == 0.5``) count ``tie`` (default half a win).
 
   Returns:
-    A fraction in ``[0, 1]``.
+    A fraction in ``[0, 1]``: the mean of :func:`wins`.
+  """
+  return float(np.mean(wins(policy_scores, baseline_scores, tie=tie)))
+
+
+def wins(policy_scores, baseline_scores=None, *, tie: float = 0.5) -> np.ndarray:
+  """Per-comparison outcomes of :func:`win_rate` (1 a win, ``tie`` a tie, 0 a loss), e.g. to
+  bootstrap a win rate over examples.
+
+  Raises:
+    ValueError: shapes differ, no comparisons, or ``tie`` outside [0, 1].
   """
   a = np.asarray(policy_scores, np.float64)
   if baseline_scores is None:
@@ -151,7 +161,7 @@ def win_rate(policy_scores, baseline_scores=None, *, tie: float = 0.5) -> float:
     raise ValueError("win_rate: no comparisons given.")
   if not 0.0 <= tie <= 1.0:
     raise ValueError(f"win_rate: tie must be in [0, 1], got {tie}.")
-  return float(np.mean(np.where(a > b, 1.0, np.where(a == b, tie, 0.0))))
+  return np.where(a > b, 1.0, np.where(a == b, tie, 0.0))
 
 
 def aggregate_rouge(scores: dict[str, np.ndarray]) -> dict[str, float]:

@@ -324,10 +324,9 @@ def _greedy_outputs(model, params, data, examples, batch_size):
   return np.concatenate(outs)
 
 
-def _wins(a, b) -> np.ndarray:
-  """Per-comparison wins of ``a`` over ``b``: 1, ties one half, 0."""
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0))
+def split_suffix(split: str) -> str:
+  """The suffix of an evaluation's output names: none for validation, ``_<split>`` else."""
+  return "" if split == "validation" else f"_{split}"
 
 
 def evaluate_policies(policies, *, model, data, proxy, examples, batch_size, records_path=None,
@@ -362,16 +361,16 @@ def evaluate_policies(policies, *, model, data, proxy, examples, batch_size, rec
   result, records = {}, []
   for name, o in outs.items():
     p_target, p_sft = win_prob(o, targets), win_prob(o, sft)
-    gold_wins = _wins(gold[name], gold["SFT"])
+    gold_wins, target_wins = metrics.wins(gold[name], gold["SFT"]), metrics.wins(p_target)
     r = dict(
-      proxy_win_vs_target=metrics.win_rate(p_target),
+      proxy_win_vs_target=float(np.mean(target_wins)),
       proxy_win_vs_sft=metrics.win_rate(p_sft),
-      gold_win_vs_sft=metrics.win_rate(gold[name], gold["SFT"]),
+      gold_win_vs_sft=float(np.mean(gold_wins)),
       mean_gold=float(np.mean(gold[name])),
       mean_length=float(np.mean((o != 0).sum(-1))),
     )
     r["gold_win_vs_sft_ci95"] = ci(gold_wins)[1]
-    r["proxy_win_vs_target_ci95"] = ci(_wins(p_target, np.full(len(o), 0.5)))[1]
+    r["proxy_win_vs_target_ci95"] = ci(target_wins)[1]
     r["mean_gold_ci95"] = ci(gold[name])[1]
     d, lo, hi = metrics.paired_bootstrap_ci(gold[name], gold["SFT"], num_resamples=resamples)
     r["gold_minus_sft"] = dict(mean=d, ci95=[lo, hi])
@@ -516,7 +515,7 @@ def synthetic_gold_experiment(config=None, workdir: str = "", preset: str = "smo
     return dict(rows=[], reward=reward_report, acceptance={}, report=path)
   # Outputs of an evaluation on another split than validation carry its name (report_test.md);
   # a rerun in the same workdir reuses every trained stage, so it only evaluates.
-  sfx = "" if cfg.experiment.eval_split == "validation" else f"_{cfg.experiment.eval_split}"
+  sfx = split_suffix(cfg.experiment.eval_split)
   pair_sets = {"direct": preference_pairs.flatten_pairs(human)}
   acceptance = {"direct": rso.acceptance_summary(human)}
   for source, mode in (("sft-sample-rank", "sft"), ("rso-sample-rank", "rso")):

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from slicjax.evaluation import metrics
+from slicjax.pipelines import gold_experiment
 
 SEED_KEYS = ("train.seed", "human.seed", "reward.seed", "rso.seed", "preference.seed")
 
@@ -31,26 +32,20 @@ def seed_overrides(overrides: dict[str, Any], seed: int) -> dict[str, Any]:
   return {**overrides, **{k: int(seed) for k in SEED_KEYS}}
 
 
-def _suffix(split: str) -> str:
-  return "" if split == "validation" else f"_{split}"
-
-
 def run_seed(preset: str, overrides: dict[str, Any], workdir: str, seed: int,
              split: str = "validation") -> str:
   """Runs one seed into ``<workdir>/seed_<seed>`` unless its results for ``split`` exist (a
   rerun resumes; another split only evaluates the trained policies); returns that
   directory."""
-  from slicjax.pipelines import gold_experiment
-
   out = os.path.join(workdir, f"seed_{seed}")
-  if not os.path.isfile(os.path.join(out, f"results{_suffix(split)}.json")):
+  if not os.path.isfile(os.path.join(out, f"results{gold_experiment.split_suffix(split)}.json")):
     gold_experiment.synthetic_gold_experiment(
       {**seed_overrides(overrides, seed), "experiment.eval_split": split}, out, preset)
   return out
 
 
 def _read_seed(d: str, split: str = "validation") -> dict[str, Any]:
-  sfx = _suffix(split)
+  sfx = gold_experiment.split_suffix(split)
   for f in (f"results{sfx}.json", f"eval_outputs{sfx}.jsonl",
             os.path.join("reward", "reward_eval.json")):
     if not os.path.isfile(os.path.join(d, f)):

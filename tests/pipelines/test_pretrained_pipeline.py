@@ -231,3 +231,39 @@ def test_reward_rso_decode_and_evaluate_from_gguf(setup):
   assert long_ref and long_ref[0].count("never empty") == 6
   note = f"cut {t['truncated_inputs']} inputs and {t['truncated_targets']} targets"
   assert note in open(d / "eval_test" / "eval.md").read()
+
+
+def test_synthetic_gold_experiment_from_gguf_with_lora(setup, tmp_path):
+  """The gold experiment's ``smollm2`` preset (here on the tiny GGUF): LoRA SFT from the
+  pretrained weights, a reward model on the SFT backbone, LoRA policies; every stage after
+  training sees plain (merged) params of the pretrained architecture."""
+  from slicjax.pipelines import gold_experiment
+
+  d, g = setup
+  overrides = {
+    "pretrained.init_from": g, "pretrained.instruction": "", "data.name": "jsonl",
+    "data.train_path": str(d / "train.jsonl"),
+    "data.eval_path": str(d / "eval.jsonl"), "data.test_path": str(d / "test.jsonl"),
+    "data.input_len": 48, "data.target_len": 14, "train.steps": 6, "human.policy_steps": 3,
+    "human.num_prompts": 8, "human.num_samples": 3, "human.min_gold_gap": 0.0,
+    "reward.steps": 4, "reward.eval_every": 2, "reward.batch_size": 4, "rso.num_examples": 4,
+    "rso.num_samples": 4, "rso.num_accept": 2, "rso.batch_size": 4, "rso.chunk_size": 4,
+    "preference.steps": 2, "preference.batch_size": 4, "experiment.eval_examples": 4,
+    "experiment.eval_batch_size": 4, "train.batch_size": 4, "train.progress": False,
+    "reward.progress": False, "preference.progress": False, "rso.progress": False,
+    "mesh_shape": (2, 2, 2),
+  }
+  cfg = gold_experiment.experiment_config("smollm2", overrides)
+  assert cfg.lora.rank == 8 and cfg.pretrained.init_from == g
+  out = gold_experiment.synthetic_gold_experiment(overrides, str(tmp_path), preset="smollm2")
+  assert [r["policy"] for r in out["rows"]] == [
+    "SFT", "direct/sigmoid_norm", "sft-sample-rank/sigmoid_norm", "rso-sample-rank/sigmoid_norm"]
+  assert 0.0 <= out["reward"]["heldout_accuracy"] <= 1.0
+  # The SFT and early-snapshot params are plain pretrained-shaped trees; LoRA moved only the
+  # targeted attention kernels.
+  _, base, _ = common.pretrained(cfg)
+  early, _ = checkpoint.load_params(str(tmp_path / "sft" / "early"))
+  base, early = _flat(base), _flat(early)
+  assert set(early) == set(base)
+  moved = {k for k in base if not np.array_equal(base[k], early[k])}
+  assert moved and all(any(t in k for t in ("query", "key", "value", "out")) for k in moved)

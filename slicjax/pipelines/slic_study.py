@@ -417,10 +417,11 @@ def _candidates(config, r, pair_dir, model, ft, data, progress, visited: set) ->
   return out
 
 
-def _grid_rows(models, model, data, c, beams: dict | None = None) -> list[dict[str, Any]]:
+def _grid_rows(models, model, data, c, beams: dict | None = None,
+               predictions: list | None = None) -> list[dict[str, Any]]:
   from slicjax.pipelines import evaluate
 
-  rows = evaluate.quality_grid(models, model, data, c, beams=beams)
+  rows = evaluate.quality_grid(models, model, data, c, beams=beams, predictions=predictions)
   for row in rows:
     row["per_example"] = [float(x) for x in row.pop("_per_example")]
   return rows
@@ -443,15 +444,18 @@ def _ci(mean, lo, hi) -> dict[str, Any]:
   return {"mean": float(mean), "ci95": [float(lo), float(hi)]}
 
 
-def test_comparison(ft, cal, model, data, config, study: Study, chosen: dict[str, Any]):
-  """Fine-tuned vs the chosen calibrated model on the test split: the json entry's numbers."""
+def test_comparison(ft, cal, model, data, config, study: Study, chosen: dict[str, Any],
+                    predictions: list | None = None):
+  """Fine-tuned vs the chosen calibrated model on the test split: the json entry's numbers.
+  ``predictions`` (a list) receives one dict per (model, beam, α, example): id, prediction,
+  reference, ROUGE-L."""
   from slicjax.pipelines import evaluate
 
   beam, alpha = int(chosen["beam"]), float(chosen["alpha"])
   c = eval_settings(config, "test", sorted(set(study.val_beams) | {beam}),
                     sorted(set(study.alphas) | {alpha}), study.test_examples)
   beams: dict[str, np.ndarray] = {}
-  rows = _grid_rows({"fine-tuned": ft, "calibrated": cal}, model, data, c, beams)
+  rows = _grid_rows({"fine-tuned": ft, "calibrated": cal}, model, data, c, beams, predictions)
   at_c, at_f = _row(rows, "calibrated", beam, alpha), _row(rows, "fine-tuned", beam, alpha)
   d_rouge = metrics.paired_bootstrap_ci(at_c["per_example"], at_f["per_example"],
                                         num_resamples=NUM_RESAMPLES)
@@ -593,8 +597,12 @@ def run_pair(study: Study, dataset: str, workdir: str, progress: Progress) -> di
     t = progress.start(what)
     cal = pretrained_lib.workdir_params(
       os.path.join(pair_dir, "cells", chosen["slug"], "calibrate"))[0]
-    out = test_comparison(ft, cal, model, data, config, study, chosen["best"])
+    preds: list[dict[str, Any]] = []
+    out = test_comparison(ft, cal, model, data, config, study, chosen["best"], preds)
     out.update(chosen=chosen["slug"], seconds=round(time.time() - t, 1))
+    os.makedirs(os.path.join(pair_dir, "test"), exist_ok=True)
+    with open(os.path.join(pair_dir, "test", "predictions.jsonl"), "w") as f:  # per example
+      f.writelines(json.dumps(p) + "\n" for p in preds)
     _write(test_path, out)
     progress.end(what, t, "test")
   test = _read(test_path)
@@ -611,6 +619,9 @@ def run_pair(study: Study, dataset: str, workdir: str, progress: Progress) -> di
                          for k, v in x.items()} for x in results],
                  chosen=dict(cell=chosen["cell"], recipe=chosen["recipe"], **chosen["best"]),
                  test=test)
+  preds_path = os.path.join(pair_dir, "test", "predictions.jsonl")
+  if os.path.exists(preds_path):  # absent for a test stage run before it was written
+    summary["test_predictions"] = preds_path
   _write(os.path.join(pair_dir, "summary.json"), summary)
   return summary
 
@@ -710,8 +721,12 @@ def study_markdown(study: Study, summaries, entries, command: str, seconds: floa
     ch, t = s["chosen"], s["test"]
     lines += ["", f"Chosen recipe: **{ch['cell']}** (`{recipe_slug(ch['recipe'])}`), best "
               f"validation ROUGE-L {ch['rougeL']:.2f} at beam {ch['beam']}, α {ch['alpha']:g}.",
-              "", f"#### Test ({t['num_test_examples']} examples)", "",
-              "| model | α | beam | ROUGE-1 | ROUGE-2 | ROUGE-L [95% CI] | mean length | "
+              "", f"#### Test ({t['num_test_examples']} examples)", ""]
+    if s.get("test_predictions"):
+      lines += [f"Per-example outputs (model, beam, α, prediction, reference, ROUGE-L): "
+                f"`slic_study/{study.name}/{os.path.basename(s['test_predictions'])}` (beside "
+                "this file).", ""]
+    lines += ["| model | α | beam | ROUGE-1 | ROUGE-2 | ROUGE-L [95% CI] | mean length | "
               "repetition |", "|---|---|---|---|---|---|---|---|"]
     for r in t["rows"]:
       lines.append(f"| {r['model']} | {r['alpha']:g} | {r['beam']} | {r['rouge1']:.2f} | "
@@ -764,6 +779,19 @@ def merge_markdown(path: str, section: str, name: str) -> str:
   return text
 
 
+def copy_predictions(path: str, results_dir: str, study_name: str, pair: str) -> str:
+  """Gzips ``path`` to ``<results_dir>/slic_study/<study>/<pair>_test_predictions.jsonl.gz``;
+  returns that path."""
+  import gzip
+  import shutil
+
+  out = os.path.join(results_dir, "slic_study", study_name, f"{pair}_test_predictions.jsonl.gz")
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(path, "rb") as src, gzip.open(out, "wb") as dst:
+    shutil.copyfileobj(src, dst)
+  return out
+
+
 def default_command() -> str:
   return "python " + " ".join(shlex.quote(a) for a in sys.argv)
 
@@ -804,6 +832,10 @@ def run(study_name: str | Study, workdir: str, results_dir: str = "docs/results"
   print(f"study {study_name}: {len(cells(study))} cells x {len(chosen)} dataset(s) "
         f"({per_pair * len(chosen)} stages) in {workdir}", flush=True)
   summaries = [run_pair(study, ds, workdir, progress) for ds in chosen]
+  for s in summaries:  # per-example test outputs beside the results, to recompute every figure
+    if s.get("test_predictions"):
+      s["test_predictions"] = copy_predictions(s["test_predictions"], results_dir, study.name,
+                                               f"{s['dataset']}__{s['model']}")
   entries = [effect_entry(s, command) for s in summaries]
   merge_effect_json(os.path.join(results_dir, RESULTS_JSON), entries)
   section = study_markdown(study, summaries, entries, command, time.time() - t0)

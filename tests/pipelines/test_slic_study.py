@@ -1,5 +1,6 @@
 """The SLiC study runner: the sweep, the results files' exact shape, resuming and merging."""
 
+import gzip
 import json
 import os
 
@@ -101,6 +102,21 @@ def test_smoke_study_end_to_end_resumes_and_merges(tmp_path):
   sel = summary["test"]["selective"]  # the selective-generation report of both test models
   assert set(sel["models"]) == {"fine-tuned", "calibrated"} and sel["num_examples"] == 8
   assert "logp" in sel["models"]["calibrated"] and "#### Selective generation (test" in md
+  # The per-example test outputs (copied beside the results) recompute every test row's
+  # ROUGE-L and the entry's paired difference.
+  path = summary["test_predictions"]
+  assert path.startswith(os.path.join(results, "slic_study", "smoke"))
+  assert f"slic_study/smoke/{os.path.basename(path)}" in md
+  preds = [json.loads(x) for x in gzip.open(path, "rt")]
+  for r in summary["test"]["rows"]:
+    mine = [p["rougeL"] for p in preds
+            if (p["model"], p["beam"], p["alpha"]) == (r["model"], r["beam"], r["alpha"])]
+    assert len(mine) == 8 and np.mean(mine) == pytest.approx(r["rougeL"])
+  at = summary["test"]["compared_at"]
+  by = {m: [p["rougeL"] for p in preds if (p["model"], p["beam"], p["alpha"]) ==
+            (m, at["beam"], at["alpha"])] for m in ("fine-tuned", "calibrated")}
+  assert np.mean(np.subtract(by["calibrated"], by["fine-tuned"])) == pytest.approx(
+    e["delta_rougeL"]["mean"])
   kinds = [x["stage"] for x in _executed(work)]
   assert kinds.count("cell") == 2 and kinds.count("decode") == 1 and kinds.count("mle") == 1
   assert kinds.count("score") == 1  # both cells share one candidate set

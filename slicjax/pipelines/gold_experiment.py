@@ -32,7 +32,7 @@ from absl import logging
 
 from slicjax import optim, training
 from slicjax.data import iterators
-from slicjax.pipelines import common, preference_pairs, rso, tasks
+from slicjax.pipelines import common, demo, preference_pairs, rso, tasks
 from slicjax.pipelines.preference import PREFERENCE_KEYS, SOURCES, train_preference
 
 EXPERIMENT_PRESETS: dict[str, dict[str, Any]] = {
@@ -101,15 +101,9 @@ EXPERIMENT_PRESETS: dict[str, dict[str, Any]] = {
   # count is a fraction of the default's; on an accelerator raise them toward it with --set.
   "smollm2": dict(
     model=dict(),
-    pretrained=dict(
-      init_from="smollm2",
-      prompt_format="chat",
-      instruction="Summarize what this Python function does in one short sentence.",
-    ),
-    lora=dict(rank=8, alpha=16.0, targets="query|key|value|out"),
-    data=dict(name="stdlib_docstrings", input_len=128, target_len=24, max_input_chars=600),
-    optimizer=dict(learning_rate=1e-3, warmup_steps=5),
-    train=dict(steps=40, batch_size=8),
+    # The demo's SmolLM2 fine-tuning recipe: prompt, LoRA targets, data lengths, SFT steps.
+    **{k: demo.PRESETS["smollm2"][k] for k in ("pretrained", "lora", "optimizer", "train")},
+    data=dict(name="stdlib_docstrings", **demo.PRESETS["smollm2"]["data"]),
     human=dict(
       policy_steps=8,
       num_prompts=256,

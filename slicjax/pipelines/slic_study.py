@@ -590,6 +590,7 @@ def run_pair(study: Study, dataset: str, workdir: str, progress: Progress) -> di
     del state, cal
   chosen = max(results, key=lambda x: x["best"]["rougeL"])  # first on ties: sweep order
   test_path = os.path.join(pair_dir, "test", "result.json")
+  preds_path = os.path.join(pair_dir, "test", "predictions.jsonl")  # per example
   what = f"{dataset}: test split, fine-tuned vs chosen ({chosen['cell']})"
   if os.path.exists(test_path) and _read(test_path)["chosen"] == chosen["slug"]:
     progress.skip(what)
@@ -600,8 +601,8 @@ def run_pair(study: Study, dataset: str, workdir: str, progress: Progress) -> di
     preds: list[dict[str, Any]] = []
     out = test_comparison(ft, cal, model, data, config, study, chosen["best"], preds)
     out.update(chosen=chosen["slug"], seconds=round(time.time() - t, 1))
-    os.makedirs(os.path.join(pair_dir, "test"), exist_ok=True)
-    with open(os.path.join(pair_dir, "test", "predictions.jsonl"), "w") as f:  # per example
+    os.makedirs(os.path.dirname(preds_path), exist_ok=True)
+    with open(preds_path, "w") as f:
       f.writelines(json.dumps(p) + "\n" for p in preds)
     _write(test_path, out)
     progress.end(what, t, "test")
@@ -619,7 +620,6 @@ def run_pair(study: Study, dataset: str, workdir: str, progress: Progress) -> di
                          for k, v in x.items()} for x in results],
                  chosen=dict(cell=chosen["cell"], recipe=chosen["recipe"], **chosen["best"]),
                  test=test)
-  preds_path = os.path.join(pair_dir, "test", "predictions.jsonl")
   if os.path.exists(preds_path):  # absent for a test stage run before it was written
     summary["test_predictions"] = preds_path
   _write(os.path.join(pair_dir, "summary.json"), summary)

@@ -298,6 +298,43 @@ def test_jsonl_seq2seq_empty_target_and_long_input_policies(tmp_path):
   assert len(b2.as_data_source(split="train")) == 1
 
 
+
+def test_prepare_waits_for_a_concurrent_build_and_reads_its_info(tmp_path):
+  """Two builders of one dataset made before either prepared it (two seeds started at once):
+  both end up with the records; the one prepared second reads the first one's info instead of
+  reporting empty splits, and threads preparing at the same time do not collide."""
+  import threading
+
+  from slicjax.data.builders import base
+
+  rows = [{"input": f"document {i}", "target": f"summary {i}"} for i in range(6)]
+  path = _jsonl(tmp_path / "train.jsonl", rows)
+  first, second = (jsonl_seq2seq.builder(path, data_dir=str(tmp_path / "d"), prepare=False)
+                   for _ in range(2))
+  base.prepare(first)
+  base.prepare(second)
+  assert len(base.data_source(second, "train")) == 6
+  assert second.info.splits["train"].num_examples == 6
+
+  fresh = [jsonl_seq2seq.builder(path, data_dir=str(tmp_path / "t"), prepare=False)
+           for _ in range(3)]
+  errors = []
+
+  def run(b):
+    try:
+      base.prepare(b)
+    except Exception as e:  # noqa: BLE001 -- reported by the assertion below
+      errors.append(e)
+
+  threads = [threading.Thread(target=run, args=(b,)) for b in fresh]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert errors == []
+  assert [len(base.data_source(b, "train")) for b in fresh] == [6, 6, 6]
+
+
 # ---------------------------------------------------------------- preference files
 
 

@@ -11,6 +11,7 @@ separately cached directory instead of silently reusing stale records.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import inspect
 import json
@@ -81,7 +82,22 @@ def prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
                     ("_log_download_done", "built local dataset %s in %s")):
     if hasattr(builder, hook):  # an instance attribute shadows TFDS's printing method
       setattr(builder, hook, lambda msg=msg: logging.info(msg, where, builder.data_dir))
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  # Processes that build the same dataset at once (seeds run in parallel, pytest workers) take
+  # turns: without the lock the second one's final rename fails on the first one's directory.
+  # A builder made before another process finished sees no data yet; after the wait it reads
+  # the dataset info that process wrote instead of reporting empty splits.
+  data_dir = epath.Path(builder.data_dir)
+  data_dir.parent.mkdir(parents=True, exist_ok=True)
+  with open(os.path.join(os.fspath(data_dir.parent), f".{data_dir.name}.lock"), "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      built_elsewhere = not builder.info.splits and (data_dir / "dataset_info.json").exists()
+      builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+      if built_elsewhere:
+        builder.info.read_from_directory(data_dir)
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
   return builder
 
 

@@ -220,7 +220,8 @@ sim = [x for r in rows for x in r["sim"]]
 plt.figure(figsize=(5, 3.5))
 plt.scatter(logp, sim, s=8, alpha=0.5)
 plt.xlabel("candidate log P(y|x) (fine-tuned)")
-plt.ylabel("latent similarity to the reference")
+similarity = json.load(open(os.path.join(workdir, "demo_config.json")))["candidates"]["similarity"]
+plt.ylabel(f"{similarity} similarity to the reference")
 plt.title(f"{len(rows)} examples x {len(rows[0]['logp'])} candidates")
 plt.show()'''),
   ("code", '''import jax.numpy as jnp

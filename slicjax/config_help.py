@@ -147,7 +147,8 @@ CANDIDATE_DOCS = {
   "num_examples": "Examples decoded.",
   "num_candidates": "Candidates per example.",
   "method": "Decoding: beam, diverse_beam, sample or greedy.",
-  "similarity": "Similarity to the target: latent, rouge, token_embedding or none.",
+  "similarity": "Similarity to the target: latent, rouge, token_embedding or none (rouge, the "
+  "mean of ROUGE-1/2/L F, is the SLiC study's validation choice).",
   "batch_size": "Examples per decoding batch.",
   "chunk_size": "Examples per output chunk (the unit of resumption).",
   "seed": "Sampling seed.",

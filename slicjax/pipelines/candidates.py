@@ -34,7 +34,7 @@ from slicjax.pipelines import common, drafts, tasks, validation
 
 CANDIDATE_KEYS = dict(
   finetuned_workdir="", split="train", num_examples=512, num_candidates=8, method="beam",
-  similarity="latent", batch_size=16, chunk_size=64, seed=0, temperature=0.7, top_k=40,
+  similarity="rouge", batch_size=16, chunk_size=64, seed=0, temperature=0.7, top_k=40,
   top_p=1.0, alpha=0.0, num_groups=4, diversity_strength=0.5, store_ref_topk=0,
   rouge_workers=1, max_len=0, progress=True, length_penalty_style="gnmt", finish_top_2k=False,
   **drafts.DRAFT_KEYS,

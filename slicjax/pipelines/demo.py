@@ -100,11 +100,10 @@ def build_config(preset: str, overrides: dict[str, Any] | None = None) -> ml_col
                  "weight_decay": 0.01, "decay_steps": 0, **p.get("optimizer", {})}
   c.train = {**mle.TRAIN_KEYS, "log_every": 25, "eval_every": 0, "checkpoint_every": 10**9,
              **p["train"]}
-  # The recipe the SLiC study chose on validation (docs/results/slic_study.md, small_stdlib):
-  # ROUGE similarity, 8 beam candidates, rank loss beta 1 + KL weight 1; its lead over latent
-  # similarity there (+1.11 [-0.01, +2.30] ROUGE-L vs fine-tuned) is within noise.
-  c.candidates = {**keys("candidates", "CANDIDATE_KEYS"), "method": "beam", "similarity": "rouge",
-                  **p["candidates"]}
+  # CANDIDATE_KEYS / CALIBRATE_KEYS hold the recipe the SLiC study chose on validation
+  # (docs/results/slic_study.md, small_stdlib): ROUGE similarity, 8 beams, rank loss beta 1 +
+  # KL weight 1; its lead over latent similarity (+1.11 [-0.01, +2.30] ROUGE-L) is within noise.
+  c.candidates = {**keys("candidates", "CANDIDATE_KEYS"), "method": "beam", **p["candidates"]}
   c.calibrate = {**keys("calibrate", "CALIBRATE_KEYS"), "loss": "rank", "regularizer": "kl",
                  "checkpoint_every": 10**9, **p["calibrate"]}
   c.calibrate_optimizer = {**optim.DEFAULTS, "learning_rate": 3e-4, "warmup_steps": 10,

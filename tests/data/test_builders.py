@@ -298,7 +298,6 @@ def test_jsonl_seq2seq_empty_target_and_long_input_policies(tmp_path):
   assert len(b2.as_data_source(split="train")) == 1
 
 
-
 def test_prepare_waits_for_a_concurrent_build_and_reads_its_info(tmp_path):
   """Two builders of one dataset made before either prepared it (two seeds started at once):
   both end up with the records; the one prepared second reads the first one's info instead of

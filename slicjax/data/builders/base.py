@@ -88,16 +88,13 @@ def prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
   # the dataset info that process wrote instead of reporting empty splits.
   data_dir = epath.Path(builder.data_dir)
   data_dir.parent.mkdir(parents=True, exist_ok=True)
-  with open(os.path.join(os.fspath(data_dir.parent), f".{data_dir.name}.lock"), "a") as lock:
+  with open(data_dir.parent / f".{data_dir.name}.lock", "a") as lock:  # closing unlocks
     fcntl.flock(lock, fcntl.LOCK_EX)
-    try:
-      built_elsewhere = not builder.info.splits and (data_dir / "dataset_info.json").exists()
-      builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-      if built_elsewhere:
-        builder.info.read_from_directory(data_dir)
-    finally:
-      fcntl.flock(lock, fcntl.LOCK_UN)
+    built_elsewhere = not builder.info.splits and (data_dir / "dataset_info.json").exists()
+    builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    if built_elsewhere:
+      builder.info.read_from_directory(data_dir)
   return builder
 
 

@@ -76,6 +76,11 @@ class Study:
       test); 4 and 16 must be among the beams.
     val_examples, test_examples: evaluated examples per split (0 = all).
     calibration_candidates: beam candidates per test input for the Spearman comparison.
+    val_spearman: every cell also gets the paired per-input ΔSpearman(logP, ROUGE) against the
+      fine-tuned model on the fine-tuned model's validation beam candidates (one more beam
+      decode per cell), so an ablation shows which recipe reorders candidates at all.
+    validation_only: an ablation: stop after the validation cells (no test stage, no
+      ``slic_effect.json`` entry); the report says which cell validation would choose.
   """
 
   name: str
@@ -93,6 +98,8 @@ class Study:
   val_examples: int = 0
   test_examples: int = 0
   calibration_candidates: int = 8
+  val_spearman: bool = False
+  validation_only: bool = False
 
 
 _SMALL_TRAIN = {"train.eval_every": 100, "train.eval_batches": 4, "train.keep_best": True,
@@ -111,7 +118,7 @@ STUDIES: dict[str, Study] = {
     overrides={"train.steps": 60, "train.eval_every": 20, "train.eval_batches": 1,
                "train.keep_best": True, "candidates.num_examples": 16,
                "evaluate.batch_size": 8},
-    val_examples=8, test_examples=8, calibration_candidates=4,
+    val_examples=8, test_examples=8, calibration_candidates=4, val_spearman=True,
   ),
   # The demo's default from-scratch transformer (2 layers, d_model 128) on stdlib_docstrings.
   "small_stdlib": Study(
@@ -156,6 +163,20 @@ STUDIES: dict[str, Study] = {
     sweep={"similarity": ("rouge",), "loss": ("margin",), "regularizer": ("ce",)},
     overrides={**_SMOLLM2_TRAIN, "evaluate.batch_size": 16}, val_examples=128,
     calibration_candidates=4,
+  ),
+  # The CPU-sized ablation of ``smollm2_stdlib`` (same preset, overrides and 32 validation
+  # examples, so its fine-tuned model and base cell are that study's): is 24 steps under KL
+  # weight 1 too weak a calibration to move the ranking? Validation only, with ΔSpearman per
+  # cell; about 100 min of one CPU core.
+  "smollm2_stdlib_ablation": Study(
+    name="smollm2_stdlib_ablation",
+    description="SmolLM2-135M-Instruct + LoRA 8 on stdlib_docstrings, calibration-strength "
+                "ablation of `smollm2_stdlib` (validation only)",
+    preset="smollm2", datasets=("stdlib_docstrings",), model="smollm2-135m-lora8",
+    base=dict(BASE_RECIPE, similarity="rouge", num_candidates=4, steps=24),
+    sweep={"reg_weight": (0.1,), "steps": (72,)},
+    overrides={**_SMOLLM2_TRAIN, "evaluate.batch_size": 16},
+    val_examples=32, calibration_candidates=4, val_spearman=True, validation_only=True,
   ),
   # CPU-sized as ``smollm2_stdlib`` (one recipe); the dpkg database of a machine is small, so
   # every test example is evaluated.
@@ -444,6 +465,27 @@ def _ci(mean, lo, hi) -> dict[str, Any]:
   return {"mean": float(mean), "ci95": [float(lo), float(hi)]}
 
 
+def spearman_difference(ft, cal, model, data, c, num_candidates: int) -> dict[str, Any]:
+  """Per-input Spearman(logP, ROUGE) of both models on the fine-tuned model's
+  ``num_candidates`` beam candidates of ``c``'s split: ``delta`` (calibrated − fine-tuned,
+  paired over the inputs defined under both, ``{mean, ci95}``; None where no input is),
+  ``inputs`` (that count) and each model's mean ``means``."""
+  from slicjax.pipelines import evaluate
+
+  per = evaluate.calibration_report({"fine-tuned": ft, "calibrated": cal}, model, data,
+                                    dict(c, calibration_candidates=num_candidates), ft,
+                                    per_input=True)
+  ok = ~np.isnan(per["fine-tuned"]) & ~np.isnan(per["calibrated"])
+  if ok.any():
+    delta = _ci(*metrics.paired_bootstrap_ci(per["calibrated"][ok], per["fine-tuned"][ok],
+                                             num_resamples=NUM_RESAMPLES))
+  else:  # no input with 2+ distinct log-probs and ROUGE values under both models: undefined
+    delta = {"mean": None, "ci95": [None, None]}
+  means = {name: float(np.nanmean(v)) if (~np.isnan(v)).any() else None
+           for name, v in per.items()}
+  return dict(delta=delta, inputs=int(ok.sum()), means=means)
+
+
 def test_comparison(ft, cal, model, data, config, study: Study, chosen: dict[str, Any],
                     predictions: list | None = None):
   """Fine-tuned vs the chosen calibrated model on the test split: the json entry's numbers.
@@ -465,16 +507,7 @@ def test_comparison(ft, cal, model, data, config, study: Study, chosen: dict[str
                                        num_resamples=NUM_RESAMPLES)
   examples = data.split_examples("test")
   examples = examples[: study.test_examples] if study.test_examples else examples
-  per = evaluate.calibration_report(
-    {"fine-tuned": ft, "calibrated": cal}, model, data,
-    dict(c, calibration_candidates=study.calibration_candidates), ft, per_input=True,
-  )
-  ok = ~np.isnan(per["fine-tuned"]) & ~np.isnan(per["calibrated"])
-  if ok.any():
-    d_sp = _ci(*metrics.paired_bootstrap_ci(per["calibrated"][ok], per["fine-tuned"][ok],
-                                            num_resamples=NUM_RESAMPLES))
-  else:  # no input with 2+ distinct log-probs and ROUGE values under both models: undefined
-    d_sp = {"mean": None, "ci95": [None, None]}
+  sp = spearman_difference(ft, cal, model, data, c, study.calibration_candidates)
   best = lambda name: {k: _best(rows, name)[k] for k in ("beam", "alpha", "rougeL")}
   with_pe = [dict(r, _per_example=np.asarray(r["per_example"])) for r in rows]
   # Selective generation of both models' test outputs (coverage-quality areas, AUROC).
@@ -485,11 +518,9 @@ def test_comparison(ft, cal, model, data, config, study: Study, chosen: dict[str
     num_test_examples=len(examples), rows=[_public(r) for r in rows],
     paired_differences=evaluate.paired_differences(with_pe),
     fine_tuned_best=best("fine-tuned"), calibrated_best=best("calibrated"),
-    delta_rougeL=_ci(*d_rouge), delta_spearman=d_sp, calibrated_beam16_minus_beam4=_ci(*d_beam),
-    spearman_inputs=int(ok.sum()),
-    spearman_mean={name: float(np.nanmean(v)) if (~np.isnan(v)).any() else None
-                   for name, v in per.items()},
-    compared_at=dict(beam=beam, alpha=alpha), beam_alpha_for_beam_diff=a0,
+    delta_rougeL=_ci(*d_rouge), delta_spearman=sp["delta"],
+    calibrated_beam16_minus_beam4=_ci(*d_beam), spearman_inputs=sp["inputs"],
+    spearman_mean=sp["means"], compared_at=dict(beam=beam, alpha=alpha), beam_alpha_for_beam_diff=a0,
   )
 
 
@@ -581,8 +612,11 @@ def run_pair(study: Study, dataset: str, workdir: str, progress: Progress) -> di
     result = dict(cell=name, recipe=r, slug=recipe_slug(r), rows=rows,
                   best=dict(beam=best["beam"], alpha=best["alpha"], rougeL=best["rougeL"],
                             lo=best["rougeL_lo"], hi=best["rougeL_hi"]),
-                  vs_fine_tuned=dict(diff=d, lo=lo, hi=hi, within_noise=bool(lo <= 0 <= hi)),
-                  seconds=round(time.time() - t, 1))
+                  vs_fine_tuned=dict(diff=d, lo=lo, hi=hi, within_noise=bool(lo <= 0 <= hi)))
+    if study.val_spearman:
+      result["spearman_vs_fine_tuned"] = spearman_difference(
+        ft, cal, model, data, c_val, study.calibration_candidates)
+    result["seconds"] = round(time.time() - t, 1)
     _write(res_path, result)
     results.append(result)
     progress.end(what, t, "cell", f" (validation ROUGE-L {best['rougeL']:.2f} at beam "
@@ -592,7 +626,9 @@ def run_pair(study: Study, dataset: str, workdir: str, progress: Progress) -> di
   test_path = os.path.join(pair_dir, "test", "result.json")
   preds_path = os.path.join(pair_dir, "test", "predictions.jsonl")  # per example
   what = f"{dataset}: test split, fine-tuned vs chosen ({chosen['cell']})"
-  if os.path.exists(test_path) and _read(test_path)["chosen"] == chosen["slug"]:
+  if study.validation_only:
+    pass  # an ablation: the test split is not touched
+  elif os.path.exists(test_path) and _read(test_path)["chosen"] == chosen["slug"]:
     progress.skip(what)
   else:
     t = progress.start(what)
@@ -606,8 +642,8 @@ def run_pair(study: Study, dataset: str, workdir: str, progress: Progress) -> di
       f.writelines(json.dumps(p) + "\n" for p in preds)
     _write(test_path, out)
     progress.end(what, t, "test")
-  test = _read(test_path)
-  markers = ([os.path.join(mle_dir, "done.json"), ft_path, test_path]
+  test = None if study.validation_only else _read(test_path)
+  markers = ([os.path.join(mle_dir, "done.json"), ft_path] + ([] if test is None else [test_path])
              + glob.glob(os.path.join(pair_dir, "decode", "*", "done.json"))
              + glob.glob(os.path.join(pair_dir, "candidates", "*", "done.json")))
   stage_seconds = sum(_read(p)["seconds"] for p in markers) + sum(x["seconds"] for x in results)
@@ -620,7 +656,7 @@ def run_pair(study: Study, dataset: str, workdir: str, progress: Progress) -> di
                          for k, v in x.items()} for x in results],
                  chosen=dict(cell=chosen["cell"], recipe=chosen["recipe"], **chosen["best"]),
                  test=test)
-  if os.path.exists(preds_path):  # absent for a test stage run before it was written
+  if test is not None and os.path.exists(preds_path):  # absent for a test stage run before it
     summary["test_predictions"] = preds_path
   _write(os.path.join(pair_dir, "summary.json"), summary)
   return summary
@@ -687,9 +723,11 @@ def study_markdown(study: Study, summaries, entries, command: str, seconds: floa
            f"base `{recipe_slug(study.base)}` "
            f"({', '.join(f'{k}={v}' for k, v in study.base.items())}); varied: "
            + ("; ".join(f"{k} ∈ {list(v)}" for k, v in study.sweep.items()) or "nothing") + ".",
-           "Recipes are chosen on the validation split only; the test split is evaluated once, "
-           "for the fine-tuned model and the chosen recipe.", ""]
-  for s, e in zip(summaries, entries):
+           ("Validation only (an ablation): the test split is not evaluated and no "
+            f"`{RESULTS_JSON}` entry is written." if study.validation_only else
+            "Recipes are chosen on the validation split only; the test split is evaluated once, "
+            "for the fine-tuned model and the chosen recipe."), ""]
+  for s, e in itertools.zip_longest(summaries, entries[: len(summaries)]):
     ln = s["lengths"]
     lines += [f"### {s['dataset']} / {s['model']}", "",
               f"Splits: {s['splits']['train']} train / {s['splits']['validation']} validation / "
@@ -701,27 +739,43 @@ def study_markdown(study: Study, summaries, entries, command: str, seconds: floa
               "#### Validation (every cell)", "",
               "ROUGE-L per beam (α = " + ", ".join(f"{a:g}" for a in study.alphas)
               + ") with 95% bootstrap intervals; Δ = paired difference to the fine-tuned model "
-              "at the cell's best beam.", ""]
+              "at the cell's best beam"
+              + (f"; ΔSpearman = paired difference of the per-input Spearman(logP, ROUGE) to the "
+                 f"fine-tuned model's, on its {study.calibration_candidates} validation beam "
+                 "candidates (means fine-tuned → calibrated; inputs defined under both)"
+                 if study.val_spearman else "") + ".", ""]
     beams = [(r["beam"], r["alpha"]) for r in s["fine_tuned_validation"]]
     head = " | ".join(f"beam {b}" + (f" α {a:g}" if len(study.alphas) > 1 else "")
                       for b, a in beams)
-    lines += [f"| cell | recipe | {head} | Δ vs fine-tuned [95% CI] | |",
-              "|---|---|" + "---|" * len(beams) + "---|---|"]
+    sp_head = " ΔSpearman [95% CI] |" if study.val_spearman else ""
+    lines += [f"| cell | recipe | {head} | Δ vs fine-tuned [95% CI] |{sp_head} |",
+              "|---|---|" + "---|" * len(beams) + "---|" * (2 + study.val_spearman)]
     cell_rows = lambda rows: " | ".join(
       f"{_f(r['rougeL'])} [{_f(r['rougeL_lo'])}, {_f(r['rougeL_hi'])}]"
       for r in sorted(rows, key=lambda r: beams.index((r["beam"], r["alpha"]))))
     lines.append(f"| fine-tuned | MLE (best validation NLL) | "
-                 f"{cell_rows(s['fine_tuned_validation'])} | | |")
+                 f"{cell_rows(s['fine_tuned_validation'])} | |{' |' * study.val_spearman} |")
     for c in s["cells"]:
       v = c["vs_fine_tuned"]
       mark = "**chosen**" if c["cell"] == s["chosen"]["cell"] else ""
       noise = "within noise" if v["within_noise"] else ""
+      sp = ""
+      if study.val_spearman:
+        d = c.get("spearman_vs_fine_tuned")
+        sp = (" not computed |" if d is None else
+              f" {_ci_text(d['delta'], 3)}{' within noise' if _within(d['delta']) else ''} "
+              f"({_f3(d['means']['fine-tuned'])} → {_f3(d['means']['calibrated'])}; "
+              f"{d['inputs']} inputs) |")
       lines.append(f"| {c['cell']} | `{c['slug']}` | {cell_rows(c['rows'])} | "
-                   f"{v['diff']:+.2f} [{v['lo']:+.2f}, {v['hi']:+.2f}] {noise} | {mark} |")
+                   f"{v['diff']:+.2f} [{v['lo']:+.2f}, {v['hi']:+.2f}] {noise} |{sp} {mark} |")
     ch, t = s["chosen"], s["test"]
-    lines += ["", f"Chosen recipe: **{ch['cell']}** (`{recipe_slug(ch['recipe'])}`), best "
+    lines += ["", f"{'Validation would choose' if t is None else 'Chosen recipe'}: "
+              f"**{ch['cell']}** (`{recipe_slug(ch['recipe'])}`), best "
               f"validation ROUGE-L {ch['rougeL']:.2f} at beam {ch['beam']}, α {ch['alpha']:g}.",
-              "", f"#### Test ({t['num_test_examples']} examples)", ""]
+              ""]
+    if t is None:
+      continue
+    lines += [f"#### Test ({t['num_test_examples']} examples)", ""]
     if s.get("test_predictions"):
       lines += [f"Per-example outputs (model, beam, α, prediction, reference, ROUGE-L): "
                 f"`slic_study/{study.name}/{os.path.basename(s['test_predictions'])}` (beside "
@@ -827,7 +881,8 @@ def run(study_name: str | Study, workdir: str, results_dir: str = "docs/results"
   workdir = common.prepare_workdir(workdir)
   decodes = {(decode_key(r)) for _, r in cells(study)}
   scores = {(decode_key(r), r["similarity"]) for _, r in cells(study)}
-  per_pair = 3 + len(decodes) + len(scores) + len(cells(study))  # mle, ft val, cells, test
+  # mle, ft val, decodes, scorings, cells and (unless an ablation) test
+  per_pair = 2 + (not study.validation_only) + len(decodes) + len(scores) + len(cells(study))
   progress = Progress(workdir, per_pair * len(chosen))
   print(f"study {study_name}: {len(cells(study))} cells x {len(chosen)} dataset(s) "
         f"({per_pair * len(chosen)} stages) in {workdir}", flush=True)
@@ -836,12 +891,14 @@ def run(study_name: str | Study, workdir: str, results_dir: str = "docs/results"
     if s.get("test_predictions"):
       s["test_predictions"] = copy_predictions(s["test_predictions"], results_dir, study.name,
                                                f"{s['dataset']}__{s['model']}")
-  entries = [effect_entry(s, command) for s in summaries]
-  merge_effect_json(os.path.join(results_dir, RESULTS_JSON), entries)
+  entries = [] if study.validation_only else [effect_entry(s, command) for s in summaries]
+  if entries:
+    merge_effect_json(os.path.join(results_dir, RESULTS_JSON), entries)
   section = study_markdown(study, summaries, entries, command, time.time() - t0)
   merge_markdown(os.path.join(results_dir, RESULTS_MD), section, study.name)
   print(f"study {study_name} finished in {(time.time() - t0) / 60:.1f} min; results in "
-        f"{results_dir}/{RESULTS_MD} and {RESULTS_JSON}", flush=True)
+        f"{results_dir}/{RESULTS_MD}" + ("" if study.validation_only else f" and {RESULTS_JSON}"),
+        flush=True)
   for e in entries:
     print(f"  {e['dataset']} / {e['model']}: goals {e['goals']}", flush=True)
   return dict(summaries=summaries, entries=entries)

@@ -1,5 +1,6 @@
 """The SLiC study runner: the sweep, the results files' exact shape, resuming and merging."""
 
+import dataclasses
 import gzip
 import json
 import os
@@ -130,6 +131,29 @@ def test_smoke_study_end_to_end_resumes_and_merges(tmp_path):
   again = json.load(open(os.path.join(results, "slic_effect.json")))
   assert again == effect
   assert open(os.path.join(results, "slic_study.md")).read().count("## Study `smoke`") == 1
+  # Every cell carries its validation ΔSpearman (the smoke study asks for it) in the report.
+  for c in summary["cells"]:
+    d = c["spearman_vs_fine_tuned"]
+    assert set(d) == {"delta", "inputs", "means"} and 0 <= d["inputs"] <= 8
+    if d["inputs"]:
+      lo, hi = d["delta"]["ci95"]
+      assert lo <= d["delta"]["mean"] <= hi
+  assert "ΔSpearman [95% CI]" in md
+  # The same study as a validation-only ablation on the same workdir: nothing is re-run, the
+  # test split is not touched, no effect entry is written, and the report says so.
+  ablation = dataclasses.replace(slic_study.STUDIES["smoke"], name="smoke_ablation",
+                                 validation_only=True)
+  results2 = str(tmp_path / "results_ablation")
+  out2 = slic_study.run(ablation, work, results2, command="ablation")
+  assert len(_executed(work)) == len(kinds) and out2["entries"] == []
+  assert out2["summaries"][0]["test"] is None
+  assert not os.path.exists(os.path.join(results2, "slic_effect.json"))
+  md2 = open(os.path.join(results2, "slic_study.md")).read()
+  assert "Validation only (an ablation)" in md2 and "Validation would choose" in md2
+  assert "Goals (test split)" not in md2 and "#### Test" not in md2
+  header = next(x for x in md2.splitlines() if x.startswith("| cell |"))
+  rows = [x for x in md2.splitlines() if x.startswith(("| fine-tuned |", "| base |"))]
+  assert all(r.count("|") == header.count("|") for r in rows), (header, rows)
 
 
 @pytest.mark.slow

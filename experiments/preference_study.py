@@ -33,6 +33,8 @@ _NAME = flags.DEFINE_string("model_name", "small from scratch", "The start model
                             "outputs.")
 _OUT_JSON = flags.DEFINE_string("out_json", "docs/results/preference_effect.json",
                                 "Effect summary (merged per start model).")
+_REPLACE = flags.DEFINE_bool("replace_entry", False, "Replace the start model's entry in "
+                             "--out_json even if it pools seeds this run lacks.")
 _OUT_MD = flags.DEFINE_string("out_md", "", "Markdown table (default <workdir>/study.md).")
 
 
@@ -50,7 +52,8 @@ def main(argv):
   agg = preference_study.aggregate(dirs, split=_SPLIT.value)
   command = " ".join(["python experiments/preference_study.py"]
                      + [shlex.quote(a) for a in sys.argv[1:] if a != "--aggregate_only"])
-  preference_study.write_effect(_OUT_JSON.value, _NAME.value, agg, command)
+  preference_study.write_effect(_OUT_JSON.value, _NAME.value, agg, command,
+                                replace=_REPLACE.value)
   text = preference_study.markdown(_NAME.value, agg, command)
   md = _OUT_MD.value or os.path.join(_WORKDIR.value, f"study_{_SPLIT.value}.md")
   with open(md, "w") as f:

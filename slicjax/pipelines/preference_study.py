@@ -176,9 +176,14 @@ def markdown(name: str, agg: dict[str, Any], command: str) -> str:
   return "\n".join(lines) + "\n"
 
 
-def write_effect(path: str, name: str, agg: dict[str, Any], command: str) -> dict[str, Any]:
+def write_effect(path: str, name: str, agg: dict[str, Any], command: str, *,
+                 replace: bool = False) -> dict[str, Any]:
   """Merges this start model's entry into ``preference_effect.json`` at ``path`` (keyed by the
-  model's name for the test split, ``"<name> (<split>)"`` for another)."""
+  model's name for the test split, ``"<name> (<split>)"`` for another).
+
+  An entry pooled over seeds that ``agg`` lacks is not replaced (running one more seed alone
+  would otherwise overwrite a pooled result with that seed's) unless ``replace``.
+  """
   doc: dict[str, Any] = {"models": {}}
   if os.path.isfile(path):
     with open(path) as f:
@@ -199,6 +204,14 @@ def write_effect(path: str, name: str, agg: dict[str, Any], command: str) -> dic
   )
   # The test-split entry is the start model's result; a validation entry is kept beside it.
   key = name if entry["split"] == "test" else f"{name} ({entry['split']})"
+  old = doc.get("models", {}).get(key)
+  lost = sorted(set(old["seeds"]) - set(entry["seeds"])) if old else []
+  if lost and not replace:
+    every = ",".join(str(x) for x in sorted(set(old["seeds"]) | set(entry["seeds"])))
+    raise ValueError(
+      f"{path}: the entry {key!r} pools seeds {old['seeds']}; this run has {entry['seeds']} and "
+      f"would drop seeds {lost}. Pool them all (--seeds={every} --aggregate_only), write "
+      "elsewhere (--out_json=...), or pass --replace_entry.")
   doc.setdefault("models", {})[key] = entry
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:

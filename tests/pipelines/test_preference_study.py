@@ -78,6 +78,13 @@ def test_aggregate_pools_prompts_over_seeds(tmp_path):
   assert test["cells"]["direct/sigmoid_norm"]["gold_win_vs_sft"]["mean"] == pytest.approx(0.75)
   preference_study.write_effect(path, "a", test, "cmd test")
   assert json.load(open(path))["models"]["a"]["split"] == "test"
+  # One seed run alone does not overwrite the entry pooled over seeds 0 and 1.
+  alone = preference_study.aggregate({1: dirs[1]}, resamples=200, split="test")
+  with pytest.raises(ValueError, match=r"would drop seeds \[0\]. Pool them all \(--seeds=0,1"):
+    preference_study.write_effect(path, "a", alone, "cmd seed 1")
+  assert json.load(open(path))["models"]["a"]["command"] == "cmd test"  # untouched
+  preference_study.write_effect(path, "a", alone, "cmd seed 1", replace=True)
+  assert json.load(open(path))["models"]["a"]["seeds"] == [1]
 
 
 def test_aggregate_refuses_missing_or_mismatched_seeds(tmp_path):

@@ -167,7 +167,7 @@ STUDIES: dict[str, Study] = {
   # The CPU-sized ablation of ``smollm2_stdlib`` (same preset, overrides and 32 validation
   # examples, so its fine-tuned model and base cell are that study's): is 24 steps under KL
   # weight 1 too weak a calibration to move the ranking? Validation only, with ΔSpearman per
-  # cell; about 100 min of one CPU core.
+  # cell; 53 min of one CPU core (measured).
   "smollm2_stdlib_ablation": Study(
     name="smollm2_stdlib_ablation",
     description="SmolLM2-135M-Instruct + LoRA 8 on stdlib_docstrings, calibration-strength "
